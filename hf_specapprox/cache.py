@@ -1,0 +1,268 @@
+"""The compressing cache: a transformers `Cache` whose full-attention layers keep a per-KV-head subset of the prompt.
+
+Layout of a full-attention layer after the compressing prefill of a prompt of `L` tokens (left-padded to `L`):
+
+* `max_capacity_prompt` rows chosen among the first `L - 1` prompt positions, per KV head, sorted by position;
+* then, appended by ordinary updates: the last prompt token (re-computed against the compressed rows, as the paper's
+  code does) and every generated token.
+
+The layer reports the number of tokens **seen** as its sequence length and `(rows + q, seen - rows)` as its mask
+sizes, the pattern of transformers' own `DynamicSlidingWindowLayer`. Keys keep the RoPE of their original positions.
+Sliding-window layers are the ones `DynamicCache(config=...)` builds and are never compressed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from . import compat
+from .config import KVSelectionConfig
+
+
+class UnboundCacheError(RuntimeError):
+    """Raised when a compressing cache reaches a model forward without having seen the prompt."""
+
+
+_UNBOUND_MESSAGE = (
+    "{cls} was used by a model that is not bound to hf_specapprox, so it never saw the prompt ids. Bind the target "
+    "once with `hf_specapprox.bind(model)` (or pass `model=` when you build the cache), then call "
+    "`model.generate(..., past_key_values=cache)` again with a fresh cache."
+)
+
+
+class CompressedKVLayer(DynamicLayer):
+    """A full-attention cache layer whose prompt part may be a per-KV-head subset of the prompt positions.
+
+    Attributes:
+        seen_tokens (`int`): tokens this layer has seen (the logical length used for positions and masks).
+        kept_positions (`torch.LongTensor` of shape `(batch, num_kv_heads, kept)`, *optional*): the original
+            positions (in the left-padded prompt) of the compressed prompt rows; `None` when nothing was dropped.
+    """
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.seen_tokens = 0
+        self.kept_positions: torch.Tensor | None = None
+        self.compressed_rows = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.seen_tokens += key_states.shape[-2]
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def keep(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor, seen_tokens: int):
+        """Stores only `positions` (per batch row and KV head) of `key_states`/`value_states` as the layer's rows."""
+        positions = positions.to(key_states.device)
+        keys = key_states.gather(2, positions[..., None].expand(-1, -1, -1, key_states.shape[-1]))
+        values = value_states.gather(2, positions[..., None].expand(-1, -1, -1, value_states.shape[-1]))
+        self.reset()
+        super().update(keys.contiguous(), values.contiguous())
+        self.seen_tokens = seen_tokens
+        self.kept_positions = positions
+        self.compressed_rows = positions.shape[-1]
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length_or_cache_position, *args, **kwargs) -> tuple[int, int]:
+        query_length = compat.query_length_from_mask_arg(query_length_or_cache_position)
+        rows = self.num_rows
+        return rows + query_length, self.seen_tokens - rows
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        """Removes the most recent tokens; see `compat.tokens_to_remove_for_crop` for the argument's meaning."""
+        to_remove = compat.tokens_to_remove_for_crop(max_length, self.seen_tokens)
+        if to_remove == 0:
+            return
+        appended = self.num_rows - self.compressed_rows
+        if to_remove > appended:
+            raise ValueError(
+                f"Cannot crop {to_remove} tokens: only the {appended} tokens appended after the compressed prompt can be "
+                "removed, the dropped prompt positions cannot be restored. Start again from a fresh cache."
+            )
+        self.keys = self.keys[..., :-to_remove, :]
+        self.values = self.values[..., :-to_remove, :]
+        self.seen_tokens -= to_remove
+
+    def reset(self) -> None:
+        self.keys = None
+        self.values = None
+        self.is_initialized = False
+        self.seen_tokens = 0
+        self.kept_positions = None
+        self.compressed_rows = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.kept_positions is not None:
+            self.kept_positions = self.kept_positions.index_select(0, beam_idx.to(self.kept_positions.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.kept_positions is not None:
+            self.kept_positions = self.kept_positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.kept_positions is not None:
+            self.kept_positions = self.kept_positions[indices]
+
+
+def build_layers(model_config) -> list:
+    """The layers `DynamicCache(config=...)` would build, with every full-attention layer made compressible."""
+    template = DynamicCache(config=compat.text_config(model_config))
+    layers = []
+    for index, layer in enumerate(template.layers):
+        if type(layer) is DynamicLayer:
+            layers.append(CompressedKVLayer())
+        elif type(layer) is DynamicSlidingWindowLayer:
+            layers.append(layer)
+        else:
+            raise ValueError(
+                f"Layer {index} of this model uses a `{type(layer).__name__}` cache, which hf_specapprox cannot score "
+                "or compress (only full-attention and sliding-window attention layers are supported). Use a model "
+                "with standard attention layers, or a plain `DynamicCache`."
+            )
+    if not any(isinstance(layer, CompressedKVLayer) for layer in layers):
+        raise ValueError(
+            "This model has no full-attention layer (every layer is sliding-window), so there is nothing to compress. "
+            "Use a plain `DynamicCache`."
+        )
+    return layers
+
+
+class PromptCompressionCache(Cache):
+    """Base class of the caches that drop prompt KV pairs during the prefill of a bound model.
+
+    Subclasses decide which tokens are appended as scoring queries (`_lookahead`), where the always-kept window
+    starts (`_window_start`) and how candidates are scored (`_candidate_scores`). This class owns the bookkeeping:
+    the layers, the compressing prefill protocol, and validation of what the model forward receives.
+    """
+
+    def __init__(self, config: KVSelectionConfig, model=None):
+        super().__init__(layers=[])
+        self.config = config
+        self.prompt_length: int | None = None
+        self.lookahead_ids: torch.Tensor | None = None
+        self.lookahead_valid: torch.Tensor | None = None
+        self._prefill_state = None
+        if model is not None:
+            from .binding import bind
+
+            bind(model)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # transformers Cache API
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_compressed(self) -> bool:
+        """Whether the last prefill dropped prompt positions."""
+        return any(
+            isinstance(layer, CompressedKVLayer) and layer.kept_positions is not None for layer in self.layers
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self._prefill_state is not None:
+            return self._prefill_state.update(layer_idx, key_states, value_states, args, kwargs)
+        if not self.layers:
+            raise UnboundCacheError(_UNBOUND_MESSAGE.format(cls=type(self).__name__))
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if not self.layers:
+            return 0
+        return self.layers[layer_idx].get_seq_length()
+
+    def get_mask_sizes(self, query_length_or_cache_position, layer_idx: int = 0) -> tuple[int, int]:
+        if not self.layers:
+            raise UnboundCacheError(_UNBOUND_MESSAGE.format(cls=type(self).__name__))
+        return self.layers[layer_idx].get_mask_sizes(query_length_or_cache_position)
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        for layer in self.layers:
+            if isinstance(layer, CompressedKVLayer):
+                layer.crop(max_length)
+            else:
+                # Sliding layers follow transformers' own rules (they refuse once past their window).
+                layer.crop(max_length)
+
+    def reset(self) -> None:
+        """Forgets everything: the next forward is treated as a new prompt."""
+        self.layers = []
+        self.prompt_length = None
+        self.lookahead_ids = None
+        self.lookahead_valid = None
+        self._prefill_state = None
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor | None:
+        """Original positions (in the left-padded prompt) of the prompt rows layer `layer_idx` keeps, per batch row
+        and KV head, or `None` if that layer was not compressed."""
+        layer = self.layers[layer_idx]
+        return getattr(layer, "kept_positions", None)
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the stored keys and values of every layer."""
+        total = 0
+        for layer in self.layers:
+            for tensor in (layer.keys, layer.values):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hooks for subclasses
+    # ----------------------------------------------------------------------------------------------------------------
+    def _validate_model(self, model) -> None:
+        """Raises if this cache cannot serve `model` (checked before any work is done)."""
+
+    def _lookahead(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Tokens appended after the prompt for the scoring forward: `(ids, valid)`, both `(batch, n)`."""
+        empty = input_ids.new_zeros((input_ids.shape[0], 0))
+        return empty, empty.bool()
+
+    def _window_start(self, prompt_length: int) -> int:
+        """First always-kept position; candidates are the positions before it, the window runs to `L - 2`."""
+        raise NotImplementedError
+
+    def _query_start(self, prompt_length: int) -> int:
+        """First prompt position whose query votes (all later prompt and lookahead positions vote too)."""
+        raise NotImplementedError
+
+    def _candidate_scores(self, query, key, *, scaling, query_offset, key_valid, query_valid, num_candidates):
+        """Scores of the first `num_candidates` positions, `(batch, num_kv_heads, num_candidates)`."""
+        raise NotImplementedError
+
+    def _needs_queries(self) -> bool:
+        return True
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The compressing prefill, run from the bound model's forward pre-hook (see binding.py)
+    # ----------------------------------------------------------------------------------------------------------------
+    def _prepare_forward(self, model, args: tuple, kwargs: dict[str, Any]):
+        from .prefill import prepare_forward
+
+        return prepare_forward(self, model, args, kwargs)

@@ -1,0 +1,98 @@
+"""Every transformers version seam that hf_specapprox depends on, in one place.
+
+The library supports transformers 4.56 up to the newest 5.x. The differences it has to bridge are:
+
+* 5.4 removed `cache_position` from the models: `Cache.get_mask_sizes` receives a `cache_position` tensor before
+  and an integer query length after, and `Cache.update` no longer receives `cache_kwargs`.
+* 5.13 added `get_max_length` next to `get_max_cache_shape`; 5.20 removed the old name.
+* 5.15 made `Cache.crop` accept only a negative number of tokens to remove (earlier versions take an absolute length).
+* 5.24 renamed the `past_key_values` argument of `generate` and of the models' `forward` to `cache`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_VERSION = Version(Version(transformers.__version__).base_version)
+
+# `Cache.crop` takes only negative counts from this version on.
+_CROP_NEGATIVE_ONLY = TRANSFORMERS_VERSION >= Version("5.15")
+
+CACHE_KWARG_NAMES = ("cache", "past_key_values")
+
+
+def query_length_from_mask_arg(query_length_or_cache_position: int | torch.Tensor) -> int:
+    """`get_mask_sizes` receives `cache_position` (a 1-D tensor) before 5.4 and an int query length after."""
+    if isinstance(query_length_or_cache_position, torch.Tensor):
+        return int(query_length_or_cache_position.shape[0])
+    return int(query_length_or_cache_position)
+
+
+def tokens_to_remove_for_crop(argument: int, seen_tokens: int) -> int:
+    """Converts the argument of `Cache.crop` into a number of tokens to remove, for the running transformers version.
+
+    Before 5.15 a non-negative argument is the absolute length to keep (assisted decoding passes it that way); from
+    5.15 on only negative counts are accepted and `crop(0)` is a no-op (5.17's deferred stop check relies on it).
+    """
+    if argument < 0:
+        return min(-argument, seen_tokens)
+    if _CROP_NEGATIVE_ONLY:
+        if argument > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{argument}`) is not supported by transformers "
+                f"{transformers.__version__}. Pass a negative integer to remove that many tokens instead."
+            )
+        return 0
+    return max(seen_tokens - argument, 0)
+
+
+def get_cache_from_kwargs(kwargs: dict[str, Any]) -> tuple[str | None, Any]:
+    """Returns `(name, cache)` for the cache passed to a model forward as `cache=` (>= 5.24) or `past_key_values=`."""
+    for name in CACHE_KWARG_NAMES:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+@lru_cache(maxsize=None)
+def _forward_parameters(forward_cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(forward_cls.forward).parameters)
+
+
+def cache_kwarg_name(module: torch.nn.Module) -> str:
+    """The name under which `module.forward` takes its cache: `cache` from transformers 5.24 on, else `past_key_values`."""
+    return "cache" if "cache" in _forward_parameters(type(module)) else "past_key_values"
+
+
+def forward_takes_cache_position(module: torch.nn.Module) -> bool:
+    """Whether `module.forward` still takes `cache_position` (transformers < 5.4)."""
+    return "cache_position" in _forward_parameters(type(module))
+
+
+def get_attn_implementation(config) -> str | None:
+    """The attention implementation a config dispatches to (`"sdpa"`, `"eager"`, ...)."""
+    return config._attn_implementation
+
+
+def set_attn_implementation_exact(config, name: str | None) -> None:
+    """Sets the attention implementation of this one config object, without validation and without touching its
+    sub-configs (the public setter recurses into them, which would make an exact restore impossible).
+
+    Used only to switch a model to the scoring wrapper for one forward and back again (see `capture.py`).
+    """
+    config._attn_implementation_internal = name
+
+
+def text_config(config):
+    """The decoder's text config (multimodal wrappers nest it)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def crop_must_be_negative() -> bool:
+    return _CROP_NEGATIVE_ONLY

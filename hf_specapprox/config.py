@@ -1,0 +1,158 @@
+"""Validated configuration objects for the KV-cache compression methods.
+
+Defaults reproduce the official SpecKV code (arXiv 2506.08373, `cfg/paper/speckv`): window 32, max-pool with kernel 7,
+max reduction over the window queries and the query heads of each KV head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+POOL_TYPES = ("max", "mean")
+REDUCTION_TYPES = ("max", "mean")
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+@dataclass
+class KVSelectionConfig:
+    """Knobs shared by every prompt-KV selection method.
+
+    Args:
+        max_capacity_prompt (`int`, *optional*, defaults to 1024):
+            Number of prompt positions kept in every full-attention layer and KV head, the recent window included.
+            The last prompt token is re-computed against the compressed cache (as in the paper's code), so a layer
+            holds `max_capacity_prompt + 1` rows after the prefill, then one more per generated token. Prompts that
+            are not longer than this are not compressed.
+    """
+
+    max_capacity_prompt: int = 1024
+
+    def validate(self) -> None:
+        _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
+
+    def __post_init__(self):
+        self.validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SpecKVConfig(KVSelectionConfig):
+    """Configuration of SpecKV (draft-based KV dropping, paper §2.1).
+
+    Args:
+        max_capacity_prompt (`int`, *optional*, defaults to 1024):
+            Prompt positions kept per layer and KV head, the `window_size` most recent ones included (the paper's
+            `C_max`; it used 256, 512 and 1024).
+        window_size (`int`, *optional*, defaults to 32):
+            The `w` most recent prompt tokens before the last one are always kept. The scoring queries are the last
+            `w + 1` prompt tokens plus every lookahead token.
+        lookahead_tokens (`int`, *optional*, defaults to 64):
+            Number of tokens the draft generates greedily (it stops earlier at EOS). The paper's code used the
+            task's `max_new_tokens` (64 to 512); a cache cannot see `generate`'s `max_new_tokens`, so set this to
+            the length of the answers you expect. `0` scores with the prompt window only.
+        kernel_size (`int`, *optional*, defaults to 7):
+            Width of the 1-D pooling applied to the scores along the key axis; must be odd.
+        pool_type (`str`, *optional*, defaults to `"max"`):
+            `"max"` (max-pool, implicit -inf padding) or `"mean"` (average pool, zero padding).
+        reduction_type (`str`, *optional*, defaults to `"max"`):
+            How the scores of the window queries and of the query heads sharing a KV head are combined: `"max"` or
+            `"mean"`.
+    """
+
+    window_size: int = 32
+    lookahead_tokens: int = 64
+    kernel_size: int = 7
+    pool_type: str = "max"
+    reduction_type: str = "max"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive_int("window_size", self.window_size)
+        _check_positive_int("lookahead_tokens", self.lookahead_tokens, minimum=0)
+        _check_positive_int("kernel_size", self.kernel_size)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"`kernel_size` must be odd so the pooling window is centred on each key, got {self.kernel_size}; "
+                f"use {self.kernel_size - 1} or {self.kernel_size + 1}."
+            )
+        _check_choice("pool_type", self.pool_type, POOL_TYPES)
+        _check_choice("reduction_type", self.reduction_type, REDUCTION_TYPES)
+        if self.max_capacity_prompt <= self.window_size:
+            raise ValueError(
+                f"`max_capacity_prompt` ({self.max_capacity_prompt}) must be larger than `window_size` "
+                f"({self.window_size}): the budget includes the window and needs room for selected tokens. "
+                f"Raise the budget or lower the window."
+            )
+
+
+@dataclass
+class SnapKVConfig(KVSelectionConfig):
+    """Configuration of the SnapKV baseline (Li et al., 2024): the prompt's own last tokens vote, no draft.
+
+    Args:
+        max_capacity_prompt (`int`, *optional*, defaults to 1024):
+            Prompt positions kept per layer and KV head, window included.
+        window_size (`int`, *optional*, defaults to 32):
+            Observation window: the last `window_size` prompt tokens are the scoring queries and are always kept.
+        kernel_size (`int`, *optional*, defaults to 7):
+            Pooling width (odd).
+        pool_type (`str`, *optional*, defaults to `"mean"`):
+            SnapKV's average pooling; `"max"` is allowed for ablations.
+        reduction_type (`str`, *optional*, defaults to `"mean"`):
+            SnapKV sums the window's attention, which ranks like the mean used here.
+    """
+
+    window_size: int = 32
+    kernel_size: int = 7
+    pool_type: str = "mean"
+    reduction_type: str = "mean"
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive_int("window_size", self.window_size)
+        _check_positive_int("kernel_size", self.kernel_size)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"`kernel_size` must be odd, got {self.kernel_size}.")
+        _check_choice("pool_type", self.pool_type, POOL_TYPES)
+        _check_choice("reduction_type", self.reduction_type, REDUCTION_TYPES)
+        if self.max_capacity_prompt <= self.window_size:
+            raise ValueError(
+                f"`max_capacity_prompt` ({self.max_capacity_prompt}) must be larger than `window_size` "
+                f"({self.window_size})."
+            )
+
+
+@dataclass
+class StreamingLLMConfig(KVSelectionConfig):
+    """Configuration of the StreamingLLM baseline (Xiao et al., 2023): attention sinks plus the most recent tokens.
+
+    Args:
+        max_capacity_prompt (`int`, *optional*, defaults to 1024):
+            Prompt positions kept per layer: `num_sink_tokens` first real tokens plus the most recent ones.
+        num_sink_tokens (`int`, *optional*, defaults to 4):
+            Number of leading (non-padding) tokens always kept.
+    """
+
+    num_sink_tokens: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive_int("num_sink_tokens", self.num_sink_tokens, minimum=0)
+        if self.num_sink_tokens >= self.max_capacity_prompt:
+            raise ValueError(
+                f"`num_sink_tokens` ({self.num_sink_tokens}) must be smaller than `max_capacity_prompt` "
+                f"({self.max_capacity_prompt})."
+            )

@@ -1,0 +1,79 @@
+"""SpecKV (arXiv 2506.08373 §2.1): the draft's answer preview votes, through the target's attention, for the prompt
+KV pairs the target keeps."""
+
+from __future__ import annotations
+
+from .cache import PromptCompressionCache
+from .config import SpecKVConfig
+from .draft import check_draft_compatible, generate_lookahead
+from .scoring import pool_scores, window_scores
+
+
+class SpecKVCache(PromptCompressionCache):
+    """A transformers `Cache` that compresses the prompt's KV pairs with SpecKV during the prefill.
+
+    The draft greedily writes up to `lookahead_tokens` tokens after the prompt. The target then runs once over
+    `prompt + lookahead`; in every full-attention layer the queries of the last `window_size + 1` prompt tokens and of
+    the lookahead tokens score the earlier prompt keys (softmax over all keys, max over those queries and over the
+    query heads of each KV head, max-pool of width `kernel_size`), and each KV head keeps its
+    `max_capacity_prompt - window_size` best keys plus the last `window_size` prompt tokens before the final one.
+    The lookahead's K/V are discarded; decoding continues with the original positions.
+
+    Works with stock `generate` (greedy, sampling, beam search, batches with left padding, continuation calls) once the
+    target is bound, either by passing `model=` here or by calling `hf_specapprox.bind(target)` once.
+
+    Args:
+        draft (`PreTrainedModel`):
+            A small causal LM that shares the target's tokenizer.
+        config ([`SpecKVConfig`], *optional*):
+            All knobs at once. Individual knobs may be given as keyword arguments instead (not both).
+        model (`PreTrainedModel`, *optional*):
+            The target; if given, it is bound (see [`bind`]).
+        **config_kwargs:
+            Fields of [`SpecKVConfig`]: `max_capacity_prompt`, `window_size`, `lookahead_tokens`, `kernel_size`,
+            `pool_type`, `reduction_type`.
+
+    Example:
+
+    ```python
+    >>> from hf_specapprox import SpecKVCache
+    >>> cache = SpecKVCache(draft=draft, model=target, max_capacity_prompt=256, lookahead_tokens=32)
+    >>> out = target.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    ```
+    """
+
+    def __init__(self, draft, config: SpecKVConfig | None = None, model=None, **config_kwargs):
+        if config is not None and config_kwargs:
+            raise ValueError("Pass either `config` or individual knobs, not both.")
+        if config is None:
+            config = SpecKVConfig(**config_kwargs)
+        elif not isinstance(config, SpecKVConfig):
+            raise TypeError(f"`config` must be a SpecKVConfig, got {type(config).__name__}.")
+        if draft is None:
+            raise ValueError("SpecKVCache needs a `draft` model; use SnapKVCache for draft-free compression.")
+        self.draft = draft
+        super().__init__(config, model=model)
+
+    def _validate_model(self, model) -> None:
+        check_draft_compatible(self.draft, model)
+
+    def _lookahead(self, model, input_ids, attention_mask):
+        return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens)
+
+    def _window_start(self, prompt_length: int) -> int:
+        return prompt_length - 1 - self.config.window_size
+
+    def _query_start(self, prompt_length: int) -> int:
+        return prompt_length - 1 - self.config.window_size
+
+    def _candidate_scores(self, query, key, *, scaling, query_offset, key_valid, query_valid, num_candidates):
+        scores = window_scores(
+            query,
+            key,
+            scaling=scaling,
+            query_offset=query_offset,
+            key_valid=key_valid,
+            query_valid=query_valid,
+            reduction=self.config.reduction_type,
+        )
+        return pool_scores(scores[..., :num_candidates], self.config.kernel_size, self.config.pool_type)
