@@ -67,7 +67,7 @@ class CompressedKVLayer(DynamicLayer):
 
     @property
     def num_rows(self) -> int:
-        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+        return 0 if self.keys is None or self.keys.dim() < 3 else self.keys.shape[-2]
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.seen_tokens
@@ -101,7 +101,7 @@ class CompressedKVLayer(DynamicLayer):
     def reset(self) -> None:
         self.keys = None
         self.values = None
-        self.is_initialized = False
+        self.is_initialized = False  # read by transformers >= 4.57 (4.56 tests `keys is None`)
         self.seen_tokens = 0
         self.kept_positions = None
         self.compressed_rows = 0
@@ -122,9 +122,19 @@ class CompressedKVLayer(DynamicLayer):
             self.kept_positions = self.kept_positions[indices]
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
 def build_layers(model_config) -> list:
     """The layers `DynamicCache(config=...)` would build, with every full-attention layer made compressible."""
-    template = DynamicCache(config=compat.text_config(model_config))
+    config = compat.text_config(model_config)
+    unsupported = sorted(set(getattr(config, "layer_types", None) or []) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        raise ValueError(
+            f"This model has {unsupported} layers, which hf_specapprox cannot score or compress (only full-attention "
+            "and sliding-window attention layers are supported). Use a plain `DynamicCache` for this model."
+        )
+    template = DynamicCache(config=config)
     layers = []
     for index, layer in enumerate(template.layers):
         if type(layer) is DynamicLayer:
@@ -157,6 +167,7 @@ class PromptCompressionCache(Cache):
         super().__init__(layers=[])
         self.config = config
         self.prompt_length: int | None = None
+        self.prompt_mask: torch.Tensor | None = None
         self.lookahead_ids: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
         self._prefill_state = None
@@ -203,17 +214,30 @@ class PromptCompressionCache(Cache):
         return -1
 
     def crop(self, max_length: int) -> None:
+        # Sliding layers follow transformers' own rules (they refuse once past their window).
         for layer in self.layers:
-            if isinstance(layer, CompressedKVLayer):
-                layer.crop(max_length)
-            else:
-                # Sliding layers follow transformers' own rules (they refuse once past their window).
-                layer.crop(max_length)
+            layer.crop(max_length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.prompt_mask is not None:
+            self.prompt_mask = self.prompt_mask.index_select(0, beam_idx.to(self.prompt_mask.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.prompt_mask is not None:
+            self.prompt_mask = self.prompt_mask.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.prompt_mask is not None:
+            self.prompt_mask = self.prompt_mask[indices]
 
     def reset(self) -> None:
         """Forgets everything: the next forward is treated as a new prompt."""
         self.layers = []
         self.prompt_length = None
+        self.prompt_mask = None
         self.lookahead_ids = None
         self.lookahead_valid = None
         self._prefill_state = None

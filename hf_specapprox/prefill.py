@@ -91,14 +91,39 @@ def _normalise_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[
     return args, kwargs
 
 
-def _is_continuation(cache: PromptCompressionCache, input_ids, attention_mask) -> bool:
+def _is_continuation(cache: PromptCompressionCache, kwargs: dict[str, Any]) -> bool:
+    """Whether this forward's inputs continue the sequence the cache holds (as far as the forward can tell).
+
+    `generate` slices the ids it feeds by the cache's length, so a forward never sees the ids that came before. What
+    it does see must agree with the cache: batch size, mask length, the original prompt's padding, and positions.
+    """
+    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    position_ids = kwargs.get("position_ids")
     seen = cache.get_seq_length()
-    batch = next((layer.keys.shape[0] for layer in cache.layers if layer.keys is not None and layer.is_initialized), None)
-    if input_ids is not None and batch is not None and input_ids.shape[0] != batch:
+    stored = cache.prompt_mask
+    if input_ids is not None and stored is not None and input_ids.shape[0] != stored.shape[0]:
         return False
     if attention_mask is not None and attention_mask.dim() == 2 and input_ids is not None:
-        return attention_mask.shape[1] == seen + input_ids.shape[1]
+        if attention_mask.shape[1] != seen + input_ids.shape[1]:
+            return False
+        if stored is not None:  # the padding of the original prompt must still be there
+            if not bool((attention_mask[:, : stored.shape[1]].to(stored.device).bool() == stored).all()):
+                return False
+    if position_ids is not None and position_ids.dim() == 2 and stored is not None:
+        real_tokens_seen = seen - (~stored).sum(-1)
+        if not bool((position_ids[:, 0].to(stored.device) == real_tokens_seen).all()):
+            return False
     return True
+
+
+def _holds_whole_prompt(kwargs: dict[str, Any]) -> bool:
+    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    position_ids = kwargs.get("position_ids")
+    if input_ids is None:
+        return False
+    if attention_mask is not None:
+        return attention_mask.dim() == 2 and attention_mask.shape[-1] == input_ids.shape[1]
+    return position_ids is not None and bool((position_ids[..., 0] == 0).all())
 
 
 def prepare_forward(cache: PromptCompressionCache, model, args: tuple, kwargs: dict[str, Any]):
@@ -106,11 +131,10 @@ def prepare_forward(cache: PromptCompressionCache, model, args: tuple, kwargs: d
     if cache._prefill_state is not None:  # the scoring forward itself passes through a bound backbone
         return None
     args, kwargs = _normalise_inputs(args, kwargs)
-    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
     if cache.layers and cache.get_seq_length() > 0:
-        if _is_continuation(cache, input_ids, attention_mask):
+        if _is_continuation(cache, kwargs):
             return None
-        if input_ids is None or attention_mask is None or attention_mask.shape[-1] != input_ids.shape[1]:
+        if not _holds_whole_prompt(kwargs):
             raise ValueError(
                 f"This {type(cache).__name__} already holds {cache.get_seq_length()} tokens of another prompt, and the "
                 "new input is not their continuation. Pass a fresh cache for every new prompt (or call "
@@ -136,8 +160,8 @@ def _compressing_prefill(cache: PromptCompressionCache, model, args: tuple, kwar
     if attention_mask.shape[1] != prompt_length:
         raise ValueError(
             f"The first forward into a fresh {type(cache).__name__} got {prompt_length} tokens but a mask of "
-            f"{attention_mask.shape[1]}: chunked prefill (`prefill_chunk_size`) and pre-filled caches are not "
-            "supported. Run the prompt in one forward."
+            f"{attention_mask.shape[1]}: a compressing cache must receive the whole prompt in its first forward. "
+            "Pass a fresh cache and the full `input_ids`."
         )
     if not bool(attention_mask[:, -1].all()):
         raise ValueError(
@@ -147,6 +171,7 @@ def _compressing_prefill(cache: PromptCompressionCache, model, args: tuple, kwar
     cache._validate_model(model)
     cache.layers = build_layers(model.config)
     cache.prompt_length = prompt_length
+    cache.prompt_mask = attention_mask.bool()
     if prompt_length <= cache.config.max_capacity_prompt:
         return args, kwargs  # nothing to drop: an ordinary prefill
 

@@ -1,0 +1,133 @@
+"""The scoring reference against the materialised formula, and the selection helpers' invariants."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_specapprox.draft import generate_lookahead
+from hf_specapprox.scoring import pool_scores, select_kept_positions, window_scores
+
+
+def materialised_scores(q, k, scaling, query_offset, key_valid, query_valid, reduction):
+    """The whole `(B, H, W, N)` probability tensor, then the reduction: the formula in its plainest form."""
+    batch, heads, window, _ = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    k_rep = k.repeat_interleave(group, dim=1)
+    logits = torch.einsum("bhwd,bhnd->bhwn", q.double(), k_rep.double()) * scaling
+    visible = torch.arange(n)[None, :] <= (query_offset + torch.arange(window))[:, None]
+    visible = visible[None, None] & key_valid[:, None, None, :]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, -1).nan_to_num(0.0)
+    row_ok = query_valid[:, None, :, None] & visible.any(-1, keepdim=True)
+    probs = probs * row_ok
+    probs = probs.reshape(batch, kv_heads, group * window, n)
+    if reduction == "max":
+        return probs.amax(2).float()
+    counts = row_ok.expand(batch, heads, window, 1).reshape(batch, kv_heads, group * window).sum(-1, keepdim=True)
+    return (probs.sum(2) / counts.clamp(min=1)).float()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4]),
+    n=st.integers(1, 70),
+    window=st.integers(1, 12),
+    chunk=st.integers(1, 33),
+    reduction=st.sampled_from(["max", "mean"]),
+    seed=st.integers(0, 10_000),
+)
+def test_chunked_reference_equals_materialised_formula(batch, kv_heads, group, n, window, chunk, reduction, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, window, 8, generator=generator)
+    k = torch.randn(batch, kv_heads, n, 8, generator=generator)
+    query_offset = n - window  # may be negative: window longer than the sequence
+    key_valid = torch.rand(batch, n, generator=generator) > 0.2
+    query_valid = torch.rand(batch, window, generator=generator) > 0.2
+    kwargs = dict(scaling=0.35, query_offset=query_offset, key_valid=key_valid, query_valid=query_valid,
+                  reduction=reduction)
+    actual = window_scores(q, k, chunk_size=chunk, **kwargs)
+    expected = materialised_scores(q, k, **kwargs)
+    assert not torch.isnan(actual).any()
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_fully_masked_rows_give_zero_not_nan():
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 5, 4)
+    scores = window_scores(q, k, scaling=0.5, query_offset=2, key_valid=torch.zeros(1, 5, dtype=torch.bool))
+    assert torch.equal(scores, torch.zeros(1, 1, 5))
+
+
+def test_half_precision_inputs_accumulate_in_fp32():
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 5, 16, generator=generator), torch.randn(1, 2, 40, 16, generator=generator)
+    full = window_scores(q, k, scaling=0.25, query_offset=35)
+    half = window_scores(q.bfloat16(), k.bfloat16(), scaling=0.25, query_offset=35)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, atol=2e-2, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), kernel=st.sampled_from([1, 3, 5, 7]), seed=st.integers(0, 1000))
+def test_max_pool_is_the_windowed_max(n, kernel, seed):
+    x = torch.rand(2, 3, n, generator=torch.Generator().manual_seed(seed))
+    pooled = pool_scores(x, kernel, "max")
+    half = kernel // 2
+    for j in range(n):
+        assert torch.equal(pooled[..., j], x[..., max(0, j - half) : j + half + 1].amax(-1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 40), select=st.integers(1, 40), window=st.integers(0, 5), seed=st.integers(0, 1000),
+    pad=st.integers(0, 40),
+)
+def test_kept_positions_invariants(n, select, window, seed, pad):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(2, 3, n, generator=generator)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, : min(pad, n)] = False
+    window_positions = torch.arange(n, n + window)
+    kept = select_kept_positions(scores, valid, select, window_positions)
+    count = min(select, n)
+    assert kept.shape == (2, 3, count + window)
+    assert (kept.diff(dim=-1) > 0).all()  # strictly increasing, hence unique
+    assert torch.equal(kept[..., count:], window_positions.expand(2, 3, -1))
+    real = valid[1].sum().item()
+    chosen_real = valid[1][kept[1, :, :count]].sum(-1)
+    assert (chosen_real == min(real, count)).all()  # real tokens always win over padding
+    # Among real candidates, the chosen ones are the best-scored.
+    for head in range(3):
+        chosen = kept[0, head, :count]
+        assert scores[0, head, chosen].min() >= scores[0, head].topk(count).values.min()
+
+
+class FakeDraft:
+    """Returns scripted continuations; records what it was asked."""
+
+    def __init__(self, continuation, eos):
+        self.continuation = continuation
+        self.calls = []
+        self.device = torch.device("cpu")
+        self.generation_config = type("G", (), {"eos_token_id": eos, "pad_token_id": 0})()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.calls.append(input_ids.shape[0])
+        assert kwargs["do_sample"] is False and kwargs["num_beams"] == 1
+        return torch.cat([input_ids, self.continuation[: input_ids.shape[0], :max_new_tokens]], dim=1)
+
+
+def test_lookahead_is_cut_after_the_first_eos_and_runs_once_per_distinct_row():
+    continuation = torch.tensor([[5, 6, 2, 0, 0], [7, 8, 9, 4, 3]])  # row 0 stops at EOS 2
+    draft = FakeDraft(continuation, eos=[2, 3])
+    ids = torch.tensor([[1, 10, 11], [1, 12, 13]])
+    ids = ids.repeat_interleave(2, 0)  # as num_return_sequences would expand it
+    mask = torch.ones_like(ids)
+    tokens, valid = generate_lookahead(draft, ids, mask, 5)
+    assert draft.calls == [2]
+    assert valid.tolist() == [[1, 1, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 1]] * 2
+    assert tokens[0].tolist() == [5, 6, 2, 0, 0] and tokens[2].tolist() == [7, 8, 9, 4, 3]
