@@ -6,7 +6,6 @@ import torch
 
 from .cache import PromptCompressionCache
 from .config import SnapKVConfig, StreamingLLMConfig
-from .scoring import pool_scores, window_scores
 
 
 def _resolve(config, config_cls, config_kwargs):
@@ -41,18 +40,6 @@ class SnapKVCache(PromptCompressionCache):
 
     def _query_start(self, prompt_length: int) -> int:
         return prompt_length - self.config.window_size
-
-    def _candidate_scores(self, query, key, *, scaling, query_offset, key_valid, query_valid, num_candidates):
-        scores = window_scores(
-            query,
-            key,
-            scaling=scaling,
-            query_offset=query_offset,
-            key_valid=key_valid,
-            query_valid=query_valid,
-            reduction=self.config.reduction_type,
-        )
-        return pool_scores(scores[..., :num_candidates], self.config.kernel_size, self.config.pool_type)
 
 
 class StreamingLLMCache(PromptCompressionCache):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from . import compat
+from . import compat, scoring
 from .config import KVSelectionConfig
 
 
@@ -277,11 +277,22 @@ class PromptCompressionCache(Cache):
         raise NotImplementedError
 
     def _candidate_scores(self, query, key, *, scaling, query_offset, key_valid, query_valid, num_candidates):
-        """Scores of the first `num_candidates` positions, `(batch, num_kv_heads, num_candidates)`."""
-        raise NotImplementedError
+        """Scores of the first `num_candidates` positions, `(batch, num_kv_heads, num_candidates)`.
 
-    def _needs_queries(self) -> bool:
-        return True
+        The default is attention-based (SpecKV, SnapKV): the window attention of the voting rows, reduced with
+        `config.reduction_type`, restricted to the candidates and pooled with `config.kernel_size`/`pool_type`.
+        """
+        scores = scoring.window_scores(
+            query,
+            key,
+            scaling=scaling,
+            query_offset=query_offset,
+            key_valid=key_valid,
+            query_valid=query_valid,
+            reduction=self.config.reduction_type,
+            implementation=self.config.scoring_implementation,
+        )
+        return scoring.pool_scores(scores[..., :num_candidates], self.config.kernel_size, self.config.pool_type)
 
     # ----------------------------------------------------------------------------------------------------------------
     # The compressing prefill, run from the bound model's forward pre-hook (see binding.py)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 POOL_TYPES = ("max", "mean")
 REDUCTION_TYPES = ("max", "mean")
+SCORING_IMPLEMENTATIONS = ("auto", "torch", "triton")
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -70,6 +71,9 @@ class SpecKVConfig(KVSelectionConfig):
         reduction_type (`str`, *optional*, defaults to `"max"`):
             How the scores of the window queries and of the query heads sharing a KV head are combined: `"max"` or
             `"mean"`.
+        scoring_implementation (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` uses the fused Triton kernels for CUDA tensors when Triton works there, the chunked torch
+            reference otherwise; `"torch"` or `"triton"` force one.
     """
 
     window_size: int = 32
@@ -77,6 +81,7 @@ class SpecKVConfig(KVSelectionConfig):
     kernel_size: int = 7
     pool_type: str = "max"
     reduction_type: str = "max"
+    scoring_implementation: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -90,6 +95,7 @@ class SpecKVConfig(KVSelectionConfig):
             )
         _check_choice("pool_type", self.pool_type, POOL_TYPES)
         _check_choice("reduction_type", self.reduction_type, REDUCTION_TYPES)
+        _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
         if self.max_capacity_prompt <= self.window_size:
             raise ValueError(
                 f"`max_capacity_prompt` ({self.max_capacity_prompt}) must be larger than `window_size` "
@@ -113,12 +119,15 @@ class SnapKVConfig(KVSelectionConfig):
             SnapKV's average pooling; `"max"` is allowed for ablations.
         reduction_type (`str`, *optional*, defaults to `"mean"`):
             SnapKV sums the window's attention, which ranks like the mean used here.
+        scoring_implementation (`str`, *optional*, defaults to `"auto"`):
+            As for [`SpecKVConfig`].
     """
 
     window_size: int = 32
     kernel_size: int = 7
     pool_type: str = "mean"
     reduction_type: str = "mean"
+    scoring_implementation: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -128,6 +137,7 @@ class SnapKVConfig(KVSelectionConfig):
             raise ValueError(f"`kernel_size` must be odd, got {self.kernel_size}.")
         _check_choice("pool_type", self.pool_type, POOL_TYPES)
         _check_choice("reduction_type", self.reduction_type, REDUCTION_TYPES)
+        _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
         if self.max_capacity_prompt <= self.window_size:
             raise ValueError(
                 f"`max_capacity_prompt` ({self.max_capacity_prompt}) must be larger than `window_size` "

@@ -37,8 +37,6 @@ def check_draft_compatible(draft, target) -> None:
 def _eos_ids(draft) -> list[int]:
     eos = getattr(draft.generation_config, "eos_token_id", None)
     if eos is None:
-        eos = getattr(draft.config, "eos_token_id", None)
-    if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 

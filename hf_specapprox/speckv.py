@@ -6,7 +6,6 @@ from __future__ import annotations
 from .cache import PromptCompressionCache
 from .config import SpecKVConfig
 from .draft import check_draft_compatible, generate_lookahead
-from .scoring import pool_scores, window_scores
 
 
 class SpecKVCache(PromptCompressionCache):
@@ -65,15 +64,3 @@ class SpecKVCache(PromptCompressionCache):
 
     def _query_start(self, prompt_length: int) -> int:
         return prompt_length - 1 - self.config.window_size
-
-    def _candidate_scores(self, query, key, *, scaling, query_offset, key_valid, query_valid, num_candidates):
-        scores = window_scores(
-            query,
-            key,
-            scaling=scaling,
-            query_offset=query_offset,
-            key_valid=key_valid,
-            query_valid=query_valid,
-            reduction=self.config.reduction_type,
-        )
-        return pool_scores(scores[..., :num_candidates], self.config.kernel_size, self.config.pool_type)

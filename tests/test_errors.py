@@ -8,7 +8,7 @@ import transformers
 from transformers import DynamicCache
 
 import hf_specapprox as hs
-from hf_specapprox import speckv
+from hf_specapprox import scoring
 from tiny_models import random_batch, tiny_model
 
 
@@ -163,7 +163,7 @@ def test_exception_in_scorer_leaves_model_as_it_was(monkeypatch):
         calls.append(1)
         raise RuntimeError("scorer exploded")
 
-    monkeypatch.setattr(speckv, "window_scores", failing_scores)
+    monkeypatch.setattr(scoring, "window_scores", failing_scores)
     cache = hs.SpecKVCache(draft=draft, max_capacity_prompt=12, window_size=3)
     ids, _ = random_batch(1, 30, [0])
     with pytest.raises(RuntimeError, match="scorer exploded"):
