@@ -3,8 +3,9 @@
 from .baselines import SnapKVCache, StreamingLLMCache
 from .binding import bind, is_bound, unbind
 from .cache import CompressedKVLayer, PromptCompressionCache, UnboundCacheError
-from .config import KVSelectionConfig, SnapKVConfig, SpecKVConfig, StreamingLLMConfig
+from .config import KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
 from .speckv import SpecKVCache
+from .specpc import SpecPCOutput, SpecPCPreprocessor
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,9 @@ __all__ = [
     "SnapKVConfig",
     "SpecKVCache",
     "SpecKVConfig",
+    "SpecPCConfig",
+    "SpecPCOutput",
+    "SpecPCPreprocessor",
     "StreamingLLMCache",
     "StreamingLLMConfig",
     "UnboundCacheError",

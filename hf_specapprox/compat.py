@@ -70,9 +70,9 @@ def cache_kwarg_name(module: torch.nn.Module) -> str:
     return "cache" if "cache" in _forward_parameters(type(module)) else "past_key_values"
 
 
-def forward_takes_cache_position(module: torch.nn.Module) -> bool:
-    """Whether `module.forward` still takes `cache_position` (transformers < 5.4)."""
-    return "cache_position" in _forward_parameters(type(module))
+def forward_takes(module: torch.nn.Module, name: str) -> bool:
+    """Whether `module.forward` has a parameter called `name` (e.g. `cache_position` before 5.4)."""
+    return name in _forward_parameters(type(module))
 
 
 def get_attn_implementation(config) -> str | None:

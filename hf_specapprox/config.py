@@ -166,3 +166,71 @@ class StreamingLLMConfig(KVSelectionConfig):
                 f"`num_sink_tokens` ({self.num_sink_tokens}) must be smaller than `max_capacity_prompt` "
                 f"({self.max_capacity_prompt})."
             )
+
+
+@dataclass
+class SpecPCConfig:
+    """Configuration of SpecPC (draft-based prompt compression, paper §3.1).
+
+    Args:
+        max_capacity_prompt (`int`, *optional*, defaults to 1024):
+            Prompt tokens passed to the target, window included (the paper used 1024, 2048 and 3072).
+        window_size (`int`, *optional*, defaults to 64):
+            The last `window_size` prompt tokens are always kept and are the draft queries whose attention is scored.
+            Prompts shorter than the window use all their tokens as the window.
+        lookahead_tokens (`int`, *optional*, defaults to 1):
+            Tokens the draft generates. 1 means a single prefill forward (the paper's setting); with more, the
+            attention of every decode step votes too, and the tokens are returned (SpecKV-PC reuses them).
+        kernel_size (`int`, *optional*, defaults to 64):
+            Width of the zero-padded pooling of the scores (may be even; the paper used 64 for Qwen, 32 for Llama).
+        neighbor_tokens (`int`, *optional*):
+            Tokens kept around each selected token, nearest first; defaults to `kernel_size`.
+        pool_type (`str`, *optional*, defaults to `"max"`):
+            `"max"` or `"mean"` pooling.
+        starting_layer_index (`int`, *optional*, defaults to 8):
+            Draft layers below this index do not vote.
+        weighted_query (`bool`, *optional*, defaults to `True`):
+            Weight the window queries' attention linearly from 0 (oldest) to 1 (newest).
+        num_sink_tokens (`int`, *optional*, defaults to 0):
+            First real tokens of every row always kept (BOS, attention sinks). The paper protects none.
+        protected_token_ids (`tuple[int, ...]`, *optional*, defaults to `()`):
+            Token ids always kept wherever they occur (e.g. a chat template's special tokens). The paper protects
+            none.
+        scoring_implementation (`str`, *optional*, defaults to `"auto"`):
+            As for [`SpecKVConfig`].
+    """
+
+    max_capacity_prompt: int = 1024
+    window_size: int = 64
+    lookahead_tokens: int = 1
+    kernel_size: int = 64
+    neighbor_tokens: int | None = None
+    pool_type: str = "max"
+    starting_layer_index: int = 8
+    weighted_query: bool = True
+    num_sink_tokens: int = 0
+    protected_token_ids: tuple = ()
+    scoring_implementation: str = "auto"
+
+    def __post_init__(self):
+        self.protected_token_ids = tuple(int(i) for i in self.protected_token_ids)
+        self.validate()
+
+    def validate(self) -> None:
+        _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
+        _check_positive_int("window_size", self.window_size)
+        _check_positive_int("lookahead_tokens", self.lookahead_tokens)
+        _check_positive_int("kernel_size", self.kernel_size)
+        if self.neighbor_tokens is not None:
+            _check_positive_int("neighbor_tokens", self.neighbor_tokens)
+        _check_choice("pool_type", self.pool_type, POOL_TYPES)
+        _check_positive_int("starting_layer_index", self.starting_layer_index, minimum=0)
+        _check_positive_int("num_sink_tokens", self.num_sink_tokens, minimum=0)
+        _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
+
+    @property
+    def neighbours(self) -> int:
+        return self.neighbor_tokens or self.kernel_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)

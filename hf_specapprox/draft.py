@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
+
+from . import compat
 
 # Two checkpoints of one tokenizer family may pad their embedding tables differently (Qwen2.5-0.5B has 151,936 rows,
 # Qwen2.5-14B 152,064); a larger gap means different tokenizers.
@@ -42,10 +45,19 @@ def _eos_ids(draft) -> list[int]:
 
 
 @torch.no_grad()
-def generate_lookahead(draft, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int):
+def generate_lookahead(
+    draft,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_tokens: int,
+    *,
+    deduplicate: bool = True,
+    model_kwargs: dict | None = None,
+):
     """Greedy draft continuation of each prompt row, cut after its first EOS.
 
-    Identical rows (beam search and `num_return_sequences` expand the batch before the prefill) are decoded once.
+    Identical rows (beam search and `num_return_sequences` expand the batch before the prefill) are decoded once
+    unless `deduplicate=False`. `model_kwargs` are passed on to every draft forward.
 
     Args:
         draft (`PreTrainedModel`): the draft model.
@@ -62,31 +74,50 @@ def generate_lookahead(draft, input_ids: torch.Tensor, attention_mask: torch.Ten
         empty = input_ids.new_zeros((batch, 0))
         return empty, empty.bool()
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
-    unique_rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    prompt_length = input_ids.shape[1]
+    if deduplicate:
+        unique_rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    else:
+        unique_rows, inverse = rows, torch.arange(rows.shape[0], device=rows.device)
     eos_ids = _eos_ids(draft)
-    pad_id = getattr(draft.generation_config, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = eos_ids[0] if eos_ids else 0
+    prompt_length = input_ids.shape[1]
     device = draft.device
-    sequences = draft.generate(
-        input_ids=unique_rows[:, :prompt_length].to(device),
-        attention_mask=unique_rows[:, prompt_length:].to(device),
-        max_new_tokens=num_tokens,
-        min_new_tokens=0,
-        do_sample=False,
-        num_beams=1,
-        num_return_sequences=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        eos_token_id=eos_ids or None,
-        pad_token_id=pad_id,
-        return_dict_in_generate=False,
-    )
-    new_tokens = sequences[:, prompt_length:].to(input_ids.device)
+    ids = unique_rows[:, :prompt_length].to(device)
+    mask = unique_rows[:, prompt_length:].to(device)
+    tokens = _greedy_tokens(draft, ids, mask, num_tokens, eos_ids, model_kwargs or {})
+    return _cut_after_eos(tokens.to(input_ids.device), eos_ids, inverse)
+
+
+def _greedy_tokens(draft, input_ids, attention_mask, num_tokens, eos_ids, model_kwargs):
+    """Plain greedy decoding (argmax, no logits processors), feeding `model_kwargs` to every forward."""
+    cache = DynamicCache()
+    cache_name = compat.cache_kwarg_name(draft)
+    if compat.forward_takes(draft, "logits_to_keep"):
+        model_kwargs = {"logits_to_keep": 1, **model_kwargs}
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    mask = attention_mask
+    eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    step_ids, step_positions, generated = input_ids, positions, []
+    for step in range(num_tokens):
+        logits = draft(
+            input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
+            **{cache_name: cache}, **model_kwargs,
+        ).logits[:, -1, :]
+        token = logits.argmax(-1)
+        generated.append(token)
+        if eos is not None:
+            finished |= torch.isin(token, eos)
+            if step + 1 < num_tokens and bool(finished.all()):
+                break
+        if step + 1 == num_tokens:
+            break
+        step_ids = token[:, None]
+        step_positions = step_positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return torch.stack(generated, dim=1)
+
+
+def _cut_after_eos(new_tokens: torch.Tensor, eos_ids: list[int], inverse: torch.Tensor):
     if eos_ids:
         is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
         valid = (is_eos.long().cumsum(-1) - is_eos.long()) == 0

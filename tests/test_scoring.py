@@ -106,28 +106,22 @@ def test_kept_positions_invariants(n, select, window, seed, pad):
         assert scores[0, head, chosen].min() >= scores[0, head].topk(count).values.min()
 
 
-class FakeDraft:
-    """Returns scripted continuations; records what it was asked."""
+def test_lookahead_is_plain_greedy_cut_after_eos_and_runs_once_per_distinct_row():
+    from tiny_models import random_batch, tiny_model
 
-    def __init__(self, continuation, eos):
-        self.continuation = continuation
-        self.calls = []
-        self.device = torch.device("cpu")
-        self.generation_config = type("G", (), {"eos_token_id": eos, "pad_token_id": 0})()
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
-        self.calls.append(input_ids.shape[0])
-        assert kwargs["do_sample"] is False and kwargs["num_beams"] == 1
-        return torch.cat([input_ids, self.continuation[: input_ids.shape[0], :max_new_tokens]], dim=1)
-
-
-def test_lookahead_is_cut_after_the_first_eos_and_runs_once_per_distinct_row():
-    continuation = torch.tensor([[5, 6, 2, 0, 0], [7, 8, 9, 4, 3]])  # row 0 stops at EOS 2
-    draft = FakeDraft(continuation, eos=[2, 3])
-    ids = torch.tensor([[1, 10, 11], [1, 12, 13]])
-    ids = ids.repeat_interleave(2, 0)  # as num_return_sequences would expand it
-    mask = torch.ones_like(ids)
-    tokens, valid = generate_lookahead(draft, ids, mask, 5)
-    assert draft.calls == [2]
-    assert valid.tolist() == [[1, 1, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 1]] * 2
-    assert tokens[0].tolist() == [5, 6, 2, 0, 0] and tokens[2].tolist() == [7, 8, 9, 4, 3]
+    draft = tiny_model("llama", seed=5, num_layers=1)
+    draft.generation_config.eos_token_id = list(range(2, 30))  # frequent EOS
+    ids, mask = random_batch(2, 12, [0, 3], seed=2)
+    expected = draft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[:, 12:]
+    batch_sizes = []
+    draft.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    tokens, valid = generate_lookahead(draft, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), 6)
+    assert set(batch_sizes) == {2}  # four rows, two distinct prompts
+    is_eos = torch.isin(expected, torch.arange(2, 30))
+    expected_valid = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    width = tokens.shape[1]  # decoding stops once every row has ended
+    assert torch.equal(valid, expected_valid.repeat_interleave(2, 0)[:, :width])
+    assert torch.equal(tokens[valid], expected.repeat_interleave(2, 0)[:, :width][valid])
+    assert not expected_valid[:, width:].any()

@@ -101,3 +101,16 @@ def test_speckv_with_triton_scoring_selects_the_same_and_matches_oracle(family):
     valid = torch.cat([mask.bool().cpu(), torch.ones(2, 2, dtype=torch.bool)], 1)
     expected = oracle_logits(target, out.sequences[:, :-1].cpu(), valid, 40, kept)[:, 39:]
     torch.testing.assert_close(torch.stack(out.logits, 1).cpu(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
+def test_split_key_logsumexp_merges_exactly(num_splits):
+    generator = torch.Generator().manual_seed(num_splits)
+    q = torch.randn(1, 4, 20, 16, generator=generator)
+    k = torch.randn(1, 2, 300, 16, generator=generator)
+    key_valid = torch.rand(1, 300, generator=generator) > 0.3
+    kwargs = dict(scaling=0.25, query_offset=280, key_valid=key_valid, reduction="max")
+    expected = window_scores(q, k, implementation="torch", **kwargs)
+    on_device = dict(kwargs, key_valid=key_valid.to(DEVICE))
+    actual = window_scores(q.to(DEVICE), k.to(DEVICE), implementation="triton", num_splits=num_splits, **on_device)
+    torch.testing.assert_close(actual.cpu(), expected, atol=1e-5, rtol=0)

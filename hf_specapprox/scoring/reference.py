@@ -16,6 +16,7 @@ def window_scores_torch(
     key_valid: torch.Tensor | None = None,
     query_valid: torch.Tensor | None = None,
     reduction: str = "max",
+    query_weights: torch.Tensor | None = None,
     chunk_size: int = 4096,
 ) -> torch.Tensor:
     """Attention that a window of queries pays to every key, reduced to one score per (batch, KV head, key).
@@ -42,6 +43,8 @@ def window_scores_torch(
             False for query rows that must not vote (padding); they contribute nothing.
         reduction (`str`, *optional*, defaults to `"max"`):
             `"max"` or `"mean"` over the valid (query head, window query) pairs of each KV head.
+        query_weights (`torch.Tensor` of shape `(window,)`, *optional*):
+            Non-negative weight of each window query's probabilities (SpecPC weighs them 0 → 1).
         chunk_size (`int`, *optional*, defaults to 4096):
             Number of keys processed at once.
 
@@ -78,6 +81,9 @@ def window_scores_torch(
         lse = torch.logaddexp(lse, torch.logsumexp(masked_logits(start, min(start + chunk_size, num_keys)), dim=-1))
     row_valid = row_valid & torch.isfinite(lse)
     lse = torch.where(row_valid, lse, torch.zeros_like(lse))
+    row_weight = None
+    if query_weights is not None:
+        row_weight = query_weights.to(device=device, dtype=torch.float32).repeat(group)[None, None, :, None]
 
     # Pass 2: normalised probabilities, reduced over the rows of each KV head.
     scores = torch.empty(batch, num_kv_heads, num_keys, device=device)
@@ -85,6 +91,8 @@ def window_scores_torch(
         end = min(start + chunk_size, num_keys)
         probs = torch.exp(masked_logits(start, end) - lse[..., None])
         probs = probs.masked_fill(~row_valid[..., None], 0.0)
+        if row_weight is not None:
+            probs = probs * row_weight
         if reduction == "max":
             scores[:, :, start:end] = probs.amax(dim=-2)
         else:

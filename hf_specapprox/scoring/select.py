@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 
 
+def _top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` best scores along the last axis, best first; equal scores (pooling makes plateaus) are
+    taken in position order, so the choice does not depend on padding or on the device's `topk`."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+
+
 def pool_scores(scores: torch.Tensor, kernel_size: int, pool_type: str) -> torch.Tensor:
     """1-D pooling along the last axis with stride 1 and `kernel_size // 2` padding (output length unchanged).
 
@@ -35,9 +41,9 @@ def select_kept_positions(
 ) -> torch.Tensor:
     """Per KV head, the `num_selected` best candidates plus the always-kept window, sorted by position.
 
-    Padding candidates rank below every real token, so a row keeps padding only when it has fewer real candidates
-    than `num_selected`; sorted by position, that padding then sits at the front of the row, where the attention mask
-    hides it.
+    Equal scores are taken in position order. Padding candidates rank below every real token, so a row keeps padding
+    only when it has fewer real candidates than `num_selected`; sorted by position, that padding then sits at the
+    front of the row, where the attention mask hides it.
 
     Args:
         candidate_scores (`torch.Tensor` of shape `(batch, num_kv_heads, num_candidates)`):
@@ -57,6 +63,90 @@ def select_kept_positions(
     scores = candidate_scores.float()
     if candidate_valid is not None:
         scores = scores.masked_fill(~candidate_valid[:, None, :].bool(), float("-inf"))
-    selected = scores.topk(num_selected, dim=-1).indices.sort(dim=-1).values
+    selected = _top_indices(scores, num_selected).sort(dim=-1).values
     window = window_positions.to(selected.device).expand(batch, num_kv_heads, -1)
     return torch.cat([selected, window], dim=-1)
+
+
+def neighbour_offsets(num_neighbours: int) -> torch.Tensor:
+    """Offsets `-⌊(n−1)/2⌋ … n−1−⌊(n−1)/2⌋`, nearest first, left before right: `0, −1, +1, −2, +2, …`."""
+    first = -((num_neighbours - 1) // 2)
+    offsets = torch.arange(first, first + num_neighbours)
+    order = torch.sort(offsets.abs(), stable=True).indices
+    return offsets[order]
+
+
+def zero_padded_pool(scores: torch.Tensor, kernel_size: int, pool_type: str) -> torch.Tensor:
+    """SpecPC's smoothing: zero padding of `(k−1)//2` left and `k−1−(k−1)//2` right, then stride-1 pooling (any k)."""
+    if kernel_size == 1:
+        return scores
+    left = (kernel_size - 1) // 2
+    padded = F.pad(scores[:, None, :].float(), (left, kernel_size - 1 - left), value=0.0)
+    if pool_type == "max":
+        pooled = F.max_pool1d(padded, kernel_size=kernel_size, stride=1)
+    elif pool_type in ("mean", "avg"):
+        pooled = F.avg_pool1d(padded, kernel_size=kernel_size, stride=1)
+    else:
+        raise ValueError(f"`pool_type` must be 'max' or 'mean', got {pool_type!r}.")
+    return pooled[:, 0, :]
+
+
+def specpc_keep_mask(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    max_capacity_prompt: int,
+    window_size: int,
+    kernel_size: int,
+    neighbor_tokens: int,
+    pool_type: str = "max",
+    protected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SpecPC's token selection (paper §3.1 steps 3–6), vectorised over a left-padded batch.
+
+    Per row: pool the scores, rank the real tokens, expand each ranked token by its neighbours (nearest first), put the
+    protected tokens and the last `window_size` tokens first, keep the first occurrence of every position in that
+    order and cut to `max_capacity_prompt` — or to more, if the protected tokens and the window alone exceed it.
+
+    Args:
+        scores (`torch.Tensor` of shape `(batch, length)`): per-token importance (padding ignored).
+        valid (`torch.BoolTensor` of shape `(batch, length)`): False on left padding.
+        protected (`torch.BoolTensor` of shape `(batch, length)`, *optional*): tokens that are always kept.
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch, length)`: the kept positions.
+    """
+    batch, length = scores.shape
+    device = scores.device
+    valid = valid.bool()
+    real = valid.sum(-1)  # (B,)
+    first_real = length - real
+    positions = torch.arange(length, device=device)
+
+    pooled = zero_padded_pool(scores.float().masked_fill(~valid, 0.0), kernel_size, pool_type)
+    pooled = pooled.masked_fill(~valid, float("-inf"))
+    num_ranked = min(max_capacity_prompt, length)
+    ranked = _top_indices(pooled, num_ranked)  # (B, R), best first
+    ranked_ok = valid.gather(1, ranked)
+    offsets = neighbour_offsets(neighbor_tokens).to(device)
+    expanded = ranked[:, :, None] + offsets  # (B, R, n), rank-major
+    expanded = torch.maximum(expanded, first_real[:, None, None]).clamp(max=length - 1)
+    expanded_ok = ranked_ok[:, :, None].expand_as(expanded)
+
+    in_window = positions[None, :] >= (length - torch.minimum(real, torch.tensor(window_size, device=device)))[:, None]
+    always = in_window & valid
+    if protected is not None:
+        always = always | (protected.bool() & valid)
+    # Order of appearance: always-kept positions get -1 (before everything), then the expanded list.
+    big = torch.iinfo(torch.long).max
+    first_seen = torch.full((batch, length), big, dtype=torch.long, device=device)
+    order = torch.arange(expanded.shape[1] * expanded.shape[2], device=device).expand(batch, -1)
+    order = torch.where(expanded_ok.reshape(batch, -1), order, torch.full_like(order, big))
+    first_seen.scatter_reduce_(1, expanded.reshape(batch, -1), order, reduce="amin")
+    first_seen = torch.where(always, torch.full_like(first_seen, -1), first_seen)
+    first_seen = torch.where(valid, first_seen, torch.full_like(first_seen, big))
+
+    budget = torch.maximum(torch.minimum(real, torch.tensor(max_capacity_prompt, device=device)), always.sum(-1))
+    rank_of_position = torch.empty_like(first_seen)
+    rank_of_position.scatter_(1, torch.sort(first_seen, dim=-1, stable=True).indices, positions.expand(batch, -1))
+    return (rank_of_position < budget[:, None]) & (first_seen < big)

@@ -1,0 +1,276 @@
+"""SpecPC (arXiv 2506.08373 §3.1): the draft's attention picks which prompt tokens the target gets to see."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import scoring
+from .capture import SCORING_KWARG, scoring_attention
+from .config import SpecPCConfig
+from .draft import generate_lookahead
+from .scoring.select import specpc_keep_mask
+
+
+@dataclass
+class SpecPCOutput:
+    """What [`SpecPCPreprocessor`] returns for a batch.
+
+    Attributes:
+        input_ids (`torch.LongTensor` of shape `(batch, kept)`): the compressed prompts, left-padded.
+        attention_mask (`torch.LongTensor` of shape `(batch, kept)`): their padding mask.
+        kept_indices (`list[torch.LongTensor]`): per row, the kept positions in the row's original (unpadded) tokens,
+            increasing.
+        draft_tokens (`torch.LongTensor` of shape `(batch, n)`): the draft's greedy tokens (SpecKV-PC reuses them).
+        draft_tokens_valid (`torch.BoolTensor` of shape `(batch, n)`): False after a row's EOS.
+        token_scores (`torch.FloatTensor` of shape `(batch, length)`): the draft's vote for every input position
+            (before pooling; 0 on padding).
+        original_lengths (`torch.LongTensor` of shape `(batch,)`): real tokens per input row.
+        kept_lengths (`torch.LongTensor` of shape `(batch,)`): real tokens per output row.
+        draft_seconds (`float`): wall time of the draft pass.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    kept_indices: list
+    draft_tokens: torch.Tensor
+    draft_tokens_valid: torch.Tensor
+    token_scores: torch.Tensor
+    original_lengths: torch.Tensor
+    kept_lengths: torch.Tensor
+    draft_seconds: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def model_inputs(self) -> dict:
+        """`input_ids` and `attention_mask`, ready for `target.generate(**output.model_inputs)`."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    @property
+    def compression_ratio(self) -> torch.Tensor:
+        """Kept over original tokens, per row."""
+        return self.kept_lengths.float() / self.original_lengths.clamp(min=1).float()
+
+
+class _DraftVotes:
+    """Collects the draft's window attention per forward; reaches the attention wrappers as the scoring kwarg."""
+
+    def __init__(self, config: SpecPCConfig, attention_mask: torch.Tensor):
+        self.config = config
+        self.prompt_mask = attention_mask.bool()
+        self.prompt_length = attention_mask.shape[1]
+        self.window = min(config.window_size, self.prompt_length)
+        self.prefill = None  # (B, L) max over layers of the window queries' weighted attention
+        self.decode_steps: dict[int, torch.Tensor] = {}  # lookahead token index -> (B, L)
+        self.layers_seen: set[int] = set()
+
+    def score_layer(self, module, query, key, value, scaling) -> None:
+        layer_idx = getattr(module, "layer_idx", 0)
+        if layer_idx < self.config.starting_layer_index:
+            return
+        self.layers_seen.add(layer_idx)
+        length, num_keys = self.prompt_length, key.shape[2]
+        mask = self.prompt_mask.to(key.device)
+        if num_keys == query.shape[2]:  # the prefill forward
+            start = length - self.window
+            weights = None
+            if self.config.weighted_query and self.window > 1:
+                weights = torch.linspace(0, 1, self.window, device=key.device)
+            votes = scoring.window_scores(
+                query[:, :, start:, :], key, scaling=scaling or query.shape[-1] ** -0.5, query_offset=start,
+                key_valid=mask, query_valid=mask[:, start:], reduction="max", query_weights=weights,
+                implementation=self.config.scoring_implementation,
+            )
+            self.prefill = _running_max(self.prefill, votes.amax(1)[:, :length])
+        else:  # a decode step: one new query, the previous lookahead token
+            key_valid = torch.cat([mask, torch.ones(mask.shape[0], num_keys - length, dtype=torch.bool,
+                                                    device=key.device)], dim=1)
+            votes = scoring.window_scores(
+                query, key, scaling=scaling or query.shape[-1] ** -0.5, query_offset=num_keys - query.shape[2],
+                key_valid=key_valid, reduction="max", implementation=self.config.scoring_implementation,
+            )
+            step = num_keys - length - 1
+            self.decode_steps[step] = _running_max(self.decode_steps.get(step), votes.amax(1)[:, :length])
+
+    def combine(self, lookahead_valid: torch.Tensor) -> torch.Tensor:
+        scores = self.prefill
+        for step, votes in self.decode_steps.items():
+            voted = lookahead_valid[:, step].to(votes.device)[:, None]  # tokens after a row's EOS do not vote
+            scores = torch.maximum(scores, votes * voted)
+        return scores.masked_fill(~self.prompt_mask.to(scores.device), 0.0)
+
+
+def _running_max(current, new):
+    return new.float() if current is None else torch.maximum(current, new.float())
+
+
+class SpecPCPreprocessor:
+    """Compresses prompts with SpecPC: the draft reads each prompt once and its attention picks the tokens to keep.
+
+    The draft runs one forward over the prompt (or generates `lookahead_tokens` tokens). In every draft layer from
+    `starting_layer_index` on, the attention of the last `window_size` prompt queries (weighted 0 → 1) is taken, and
+    each prompt token's score is the max over layers, heads and queries. The scores are smoothed (zero-padded pooling
+    of width `kernel_size`), the best tokens are taken in order with their `neighbor_tokens` nearest neighbours, the
+    last `window_size` tokens are always kept, and the result is cut to `max_capacity_prompt` tokens and put back in
+    order. The target then sees a shorter prompt with renumbered positions.
+
+    Works on left-padded, ragged batches: every row is compressed on its own and the results are re-padded on the left.
+
+    Args:
+        draft (`PreTrainedModel`): the draft model (same tokenizer as the target).
+        config ([`SpecPCConfig`], *optional*): all knobs at once; or pass them as keyword arguments.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*): needed only for [`~SpecPCPreprocessor.compress_text`].
+
+    Example:
+
+    ```python
+    >>> from hf_specapprox import SpecPCPreprocessor
+    >>> specpc = SpecPCPreprocessor(draft=draft, max_capacity_prompt=1024)
+    >>> compressed = specpc(inputs["input_ids"], inputs["attention_mask"])
+    >>> out = target.generate(**compressed.model_inputs, max_new_tokens=64)
+    ```
+    """
+
+    def __init__(self, draft, config: SpecPCConfig | None = None, tokenizer=None, **config_kwargs):
+        if config is not None and config_kwargs:
+            raise ValueError("Pass either `config` or individual knobs, not both.")
+        self.config = config if config is not None else SpecPCConfig(**config_kwargs)
+        if not isinstance(self.config, SpecPCConfig):
+            raise TypeError(f"`config` must be a SpecPCConfig, got {type(self.config).__name__}.")
+        self.draft = draft
+        self.tokenizer = tokenizer
+        num_layers = getattr(draft.config.get_text_config(decoder=True), "num_hidden_layers", None)
+        if num_layers is not None and self.config.starting_layer_index >= num_layers:
+            raise ValueError(
+                f"`starting_layer_index` ({self.config.starting_layer_index}) must be below the draft's number of "
+                f"layers ({num_layers}), or no layer votes. Lower it (the paper uses 8 for 16- to 24-layer drafts)."
+            )
+
+    def _protected(self, input_ids: torch.Tensor, valid: torch.Tensor, protected_mask) -> torch.Tensor:
+        protected = torch.zeros_like(valid)
+        if self.config.num_sink_tokens:
+            rank = valid.long().cumsum(-1) - 1
+            protected |= valid & (rank < self.config.num_sink_tokens)
+        if self.config.protected_token_ids:
+            ids = torch.tensor(self.config.protected_token_ids, device=input_ids.device)
+            protected |= torch.isin(input_ids, ids)
+        if protected_mask is not None:
+            if protected_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"`protected_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                    f"{tuple(protected_mask.shape)}."
+                )
+            protected |= protected_mask.to(device=input_ids.device, dtype=torch.bool)
+        return protected & valid
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, protected_mask=None):
+        """Compresses a batch of left-padded prompts.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, length)`): prompts, left-padded.
+            attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*): their padding mask.
+            protected_mask (`torch.BoolTensor` of shape `(batch, length)`, *optional*): positions never dropped.
+
+        Returns:
+            [`SpecPCOutput`]
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must be (batch, length), got shape {tuple(input_ids.shape)}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError("`attention_mask` must have the shape of `input_ids`.")
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "The batch is right-padded. SpecPC needs left padding: set `tokenizer.padding_side = 'left'`."
+            )
+        valid = attention_mask.bool()
+        config = self.config
+
+        start = time.perf_counter()
+        votes = _DraftVotes(config, attention_mask)
+        with scoring_attention(self.draft):
+            draft_tokens, draft_valid = generate_lookahead(
+                self.draft, input_ids, attention_mask, config.lookahead_tokens, deduplicate=False,
+                model_kwargs={SCORING_KWARG: votes},
+            )
+        if votes.prefill is None:
+            raise ValueError(
+                "The draft's attention never reached hf_specapprox's scoring wrapper; the draft must use transformers' "
+                "`AttentionInterface` (all current transformers text models do)."
+            )
+        scores = votes.combine(draft_valid).to(input_ids.device)
+        draft_seconds = time.perf_counter() - start
+
+        keep = specpc_keep_mask(
+            scores, valid, max_capacity_prompt=config.max_capacity_prompt, window_size=config.window_size,
+            kernel_size=config.kernel_size, neighbor_tokens=config.neighbours, pool_type=config.pool_type,
+            protected=self._protected(input_ids, valid, protected_mask),
+        )
+        return _gather_left_padded(input_ids, valid, keep, draft_tokens, draft_valid, scores, draft_seconds,
+                                   pad_id=_pad_id(self.draft))
+
+    def compress_text(self, text, **kwargs):
+        """Compresses one string or a list of strings with the tokenizer given at construction.
+
+        Returns:
+            `(texts, output)`: the compressed text of every input (decoded from the kept tokens, special tokens kept)
+            and the [`SpecPCOutput`] with the numbers.
+        """
+        if self.tokenizer is None:
+            raise ValueError("`compress_text` needs the `tokenizer=` of the draft, given when building the preprocessor.")
+        texts = [text] if isinstance(text, str) else list(text)
+        previous_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True)
+        finally:
+            self.tokenizer.padding_side = previous_side
+        output = self(encoded["input_ids"], encoded["attention_mask"], **kwargs)
+        decoded = [
+            self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(output.input_ids, output.attention_mask)
+        ]
+        return (decoded[0] if isinstance(text, str) else decoded), output
+
+
+def _pad_id(model) -> int:
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad if not isinstance(pad, (list, tuple)) else pad[0])
+
+
+def _gather_left_padded(input_ids, valid, keep, draft_tokens, draft_valid, scores, draft_seconds, pad_id):
+    batch, length = input_ids.shape
+    counts = keep.sum(-1)
+    width = int(counts.max())
+    positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
+    ordered = torch.where(keep, positions, torch.full_like(positions, length)).sort(dim=-1).values[:, :width]
+    # Row b holds its counts[b] kept positions at the end of the output row: left padding.
+    source = torch.arange(width, device=input_ids.device)[None, :] - (width - counts)[:, None]
+    out_valid = source >= 0
+    gathered = ordered.gather(1, source.clamp(min=0))
+    new_ids = torch.where(out_valid, input_ids.gather(1, gathered.clamp(max=length - 1)), torch.full_like(gathered, pad_id))
+    first_real = length - valid.sum(-1)
+    kept_indices = [ordered[row, : counts[row]] - first_real[row] for row in range(batch)]
+    original = valid.sum(-1)
+    return SpecPCOutput(
+        input_ids=new_ids,
+        attention_mask=out_valid.long(),
+        kept_indices=kept_indices,
+        draft_tokens=draft_tokens,
+        draft_tokens_valid=draft_valid,
+        token_scores=scores,
+        original_lengths=original,
+        kept_lengths=counts,
+        draft_seconds=draft_seconds,
+        stats={
+            "original_tokens": original.tolist(),
+            "kept_tokens": counts.tolist(),
+            "compression_ratio": (counts.float() / original.clamp(min=1).float()).tolist(),
+            "draft_seconds": draft_seconds,
+        },
+    )
