@@ -2,8 +2,12 @@
 
 from .baselines import SnapKVCache, StreamingLLMCache
 from .binding import bind, is_bound, unbind
+from .cascade import SpecKVPC
 from .cache import CompressedKVLayer, PromptCompressionCache, UnboundCacheError
 from .config import KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
+from .monitor import DraftAgreementMonitor
+from .pipeline import SpecApproxTextGenerationPipeline
+from .prompt_baselines import RandomPreprocessor, RecencyPreprocessor, SpecPrefillPreprocessor
 from .speckv import SpecKVCache
 from .specpc import SpecPCOutput, SpecPCPreprocessor
 
@@ -11,15 +15,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompressedKVLayer",
+    "DraftAgreementMonitor",
     "KVSelectionConfig",
     "PromptCompressionCache",
+    "RandomPreprocessor",
+    "RecencyPreprocessor",
     "SnapKVCache",
+    "SpecApproxTextGenerationPipeline",
     "SnapKVConfig",
     "SpecKVCache",
     "SpecKVConfig",
+    "SpecKVPC",
     "SpecPCConfig",
     "SpecPCOutput",
     "SpecPCPreprocessor",
+    "SpecPrefillPreprocessor",
     "StreamingLLMCache",
     "StreamingLLMConfig",
     "UnboundCacheError",

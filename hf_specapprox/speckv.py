@@ -3,6 +3,8 @@ KV pairs the target keeps."""
 
 from __future__ import annotations
 
+import torch
+
 from .cache import PromptCompressionCache
 from .config import SpecKVConfig
 from .draft import check_draft_compatible, generate_lookahead
@@ -23,11 +25,16 @@ class SpecKVCache(PromptCompressionCache):
 
     Args:
         draft (`PreTrainedModel`):
-            A small causal LM that shares the target's tokenizer.
+            A small causal LM that shares the target's tokenizer. May be `None` when `lookahead_ids` are given.
         config ([`SpecKVConfig`], *optional*):
             All knobs at once. Individual knobs may be given as keyword arguments instead (not both).
         model (`PreTrainedModel`, *optional*):
             The target; if given, it is bound (see [`bind`]).
+        lookahead_ids (`torch.LongTensor` of shape `(batch, n)`, *optional*):
+            Draft tokens computed beforehand (SpecKV-PC reuses SpecPC's); the draft then does not run. Rows are
+            repeated if `generate` expands the batch (beams, `num_return_sequences`).
+        lookahead_valid (`torch.BoolTensor` of shape `(batch, n)`, *optional*):
+            False for tokens after a row's EOS; defaults to all True.
         **config_kwargs:
             Fields of [`SpecKVConfig`]: `max_capacity_prompt`, `window_size`, `lookahead_tokens`, `kernel_size`,
             `pool_type`, `reduction_type`.
@@ -41,23 +48,50 @@ class SpecKVCache(PromptCompressionCache):
     ```
     """
 
-    def __init__(self, draft, config: SpecKVConfig | None = None, model=None, **config_kwargs):
+    def __init__(
+        self,
+        draft=None,
+        config: SpecKVConfig | None = None,
+        model=None,
+        lookahead_ids: torch.Tensor | None = None,
+        lookahead_valid: torch.Tensor | None = None,
+        **config_kwargs,
+    ):
         if config is not None and config_kwargs:
             raise ValueError("Pass either `config` or individual knobs, not both.")
         if config is None:
             config = SpecKVConfig(**config_kwargs)
         elif not isinstance(config, SpecKVConfig):
             raise TypeError(f"`config` must be a SpecKVConfig, got {type(config).__name__}.")
-        if draft is None:
-            raise ValueError("SpecKVCache needs a `draft` model; use SnapKVCache for draft-free compression.")
+        if draft is None and lookahead_ids is None:
+            raise ValueError(
+                "SpecKVCache needs a `draft` model (or precomputed `lookahead_ids`); use SnapKVCache for draft-free "
+                "compression."
+            )
+        if lookahead_ids is not None and lookahead_ids.dim() != 2:
+            raise ValueError(f"`lookahead_ids` must be (batch, n), got shape {tuple(lookahead_ids.shape)}.")
         self.draft = draft
+        self.fixed_lookahead = None
+        if lookahead_ids is not None:
+            valid = torch.ones_like(lookahead_ids, dtype=torch.bool) if lookahead_valid is None else lookahead_valid
+            self.fixed_lookahead = (lookahead_ids, valid.bool())
         super().__init__(config, model=model)
 
     def _validate_model(self, model) -> None:
-        check_draft_compatible(self.draft, model)
+        if self.draft is not None:
+            check_draft_compatible(self.draft, model)
 
     def _lookahead(self, model, input_ids, attention_mask):
-        return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens)
+        if self.fixed_lookahead is None:
+            return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens)
+        ids, valid = self.fixed_lookahead
+        if input_ids.shape[0] % ids.shape[0]:
+            raise ValueError(
+                f"`lookahead_ids` has {ids.shape[0]} rows but the prompt batch has {input_ids.shape[0]}; give one "
+                "row per prompt."
+            )
+        repeats = input_ids.shape[0] // ids.shape[0]
+        return ids.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0)
 
     def _window_start(self, prompt_length: int) -> int:
         return prompt_length - 1 - self.config.window_size

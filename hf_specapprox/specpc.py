@@ -188,13 +188,19 @@ class SpecPCPreprocessor:
                 "The batch is right-padded. SpecPC needs left padding: set `tokenizer.padding_side = 'left'`."
             )
         valid = attention_mask.bool()
-        config = self.config
-
         start = time.perf_counter()
-        votes = _DraftVotes(config, attention_mask)
+        scores, draft_tokens, draft_valid = self._token_scores(input_ids, attention_mask)
+        draft_seconds = time.perf_counter() - start
+        keep = self._select(scores, valid, self._protected(input_ids, valid, protected_mask))
+        return _gather_left_padded(input_ids, valid, keep, draft_tokens, draft_valid, scores, draft_seconds,
+                                   pad_id=_pad_id(self.draft))
+
+    def _token_scores(self, input_ids, attention_mask):
+        """The draft's vote for every prompt position, `(batch, length)`, and its greedy tokens."""
+        votes = _DraftVotes(self.config, attention_mask)
         with scoring_attention(self.draft):
             draft_tokens, draft_valid = generate_lookahead(
-                self.draft, input_ids, attention_mask, config.lookahead_tokens, deduplicate=False,
+                self.draft, input_ids, attention_mask, self.config.lookahead_tokens, deduplicate=False,
                 model_kwargs={SCORING_KWARG: votes},
             )
         if votes.prefill is None:
@@ -202,16 +208,16 @@ class SpecPCPreprocessor:
                 "The draft's attention never reached hf_specapprox's scoring wrapper; the draft must use transformers' "
                 "`AttentionInterface` (all current transformers text models do)."
             )
-        scores = votes.combine(draft_valid).to(input_ids.device)
-        draft_seconds = time.perf_counter() - start
+        return votes.combine(draft_valid).to(input_ids.device), draft_tokens, draft_valid
 
-        keep = specpc_keep_mask(
+    def _select(self, scores, valid, protected):
+        """The kept positions, `(batch, length)` bool."""
+        config = self.config
+        return specpc_keep_mask(
             scores, valid, max_capacity_prompt=config.max_capacity_prompt, window_size=config.window_size,
             kernel_size=config.kernel_size, neighbor_tokens=config.neighbours, pool_type=config.pool_type,
-            protected=self._protected(input_ids, valid, protected_mask),
+            protected=protected,
         )
-        return _gather_left_padded(input_ids, valid, keep, draft_tokens, draft_valid, scores, draft_seconds,
-                                   pad_id=_pad_id(self.draft))
 
     def compress_text(self, text, **kwargs):
         """Compresses one string or a list of strings with the tokenizer given at construction.
@@ -237,6 +243,8 @@ class SpecPCPreprocessor:
 
 
 def _pad_id(model) -> int:
+    if model is None:
+        return 0
     pad = getattr(model.generation_config, "pad_token_id", None)
     if pad is None:
         pad = getattr(model.config, "pad_token_id", None)

@@ -150,3 +150,41 @@ def specpc_keep_mask(
     rank_of_position = torch.empty_like(first_seen)
     rank_of_position.scatter_(1, torch.sort(first_seen, dim=-1, stable=True).indices, positions.expand(batch, -1))
     return (rank_of_position < budget[:, None]) & (first_seen < big)
+
+
+def chunk_keep_mask(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    max_capacity_prompt: int,
+    chunk_size: int,
+    protected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fixed-chunk selection (SpecPrefill-style): chunks of `chunk_size` tokens from each row's first real token are
+    ranked by their mean score and taken whole, best first, until `max_capacity_prompt` tokens (protected first).
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch, length)`: the kept positions.
+    """
+    batch, length = scores.shape
+    device = scores.device
+    valid = valid.bool()
+    real = valid.sum(-1)
+    positions = torch.arange(length, device=device)
+    chunk = ((positions[None, :] - (length - real)[:, None]).clamp(min=0) // chunk_size)  # (B, L)
+    num_chunks = -(-length // chunk_size)
+    sums = torch.zeros(batch, num_chunks, device=device).scatter_add_(1, chunk, scores.float() * valid)
+    counts = torch.zeros(batch, num_chunks, device=device).scatter_add_(1, chunk, valid.float())
+    means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("-inf")))
+    chunk_rank = torch.empty_like(chunk[:, :num_chunks])
+    order = torch.sort(means, dim=-1, descending=True, stable=True).indices
+    chunk_rank.scatter_(1, order, torch.arange(num_chunks, device=device).expand(batch, -1))
+    always = torch.zeros_like(valid) if protected is None else protected.bool() & valid
+    # Sort key: protected first, then by chunk rank, then by position; padding last.
+    key = chunk_rank.gather(1, chunk) * length + positions[None, :]
+    key = torch.where(always, positions[None, :] - length, key)
+    key = torch.where(valid, key, torch.full_like(key, torch.iinfo(torch.long).max))
+    budget = torch.maximum(torch.minimum(real, torch.tensor(max_capacity_prompt, device=device)), always.sum(-1))
+    rank_of_position = torch.empty_like(key)
+    rank_of_position.scatter_(1, torch.sort(key, dim=-1, stable=True).indices, positions.expand(batch, -1))
+    return (rank_of_position < budget[:, None]) & valid
