@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 import transformers
 
-VOCAB = 97
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
+# The in-process tokenizer and the vocabulary constants are the library's own testing helpers.
+from hf_specapprox.testing import BOS_ID, EOS_ID, PAD_ID, VOCAB, tiny_tokenizer, words  # noqa: F401
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3")
 
@@ -89,30 +87,3 @@ def random_batch(batch: int, length: int, paddings: list[int], seed: int = 0):
         mask[row, :pad] = 0
     return ids, mask
 
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<s> {{ message['role'] }} : {{ message['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
-)
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over the tiny models' vocabulary: ids 0-2 are <pad>, <s>, </s>; 3.. are w3, w4, ..."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
-    vocab.update({f"w{i}": i for i in range(3, VOCAB - 3)})
-    vocab.update({"user": VOCAB - 3, "assistant": VOCAB - 2, ":": VOCAB - 1})
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", padding_side="left",
-                                        model_input_names=["input_ids", "attention_mask"])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def words(count: int, seed: int = 0) -> str:
-    generator = torch.Generator().manual_seed(seed)
-    return " ".join(f"w{i}" for i in torch.randint(3, VOCAB - 3, (count,), generator=generator).tolist())
