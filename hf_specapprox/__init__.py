@@ -4,7 +4,7 @@ from .baselines import SnapKVCache, StreamingLLMCache
 from .binding import bind, is_bound, unbind
 from .cascade import SpecKVPC
 from .cache import CompressedKVLayer, PromptCompressionCache, UnboundCacheError
-from .config import KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
+from .config import AttentionSelectionConfig, KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
 from .monitor import DraftAgreementMonitor
 from .pipeline import SpecApproxTextGenerationPipeline
 from .prompt_baselines import RandomPreprocessor, RecencyPreprocessor, SpecPrefillPreprocessor
@@ -14,6 +14,7 @@ from .specpc import SpecPCOutput, SpecPCPreprocessor
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionSelectionConfig",
     "CompressedKVLayer",
     "DraftAgreementMonitor",
     "KVSelectionConfig",

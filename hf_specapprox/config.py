@@ -50,26 +50,20 @@ class KVSelectionConfig:
 
 
 @dataclass
-class SpecKVConfig(KVSelectionConfig):
-    """Configuration of SpecKV (draft-based KV dropping, paper §2.1).
+class AttentionSelectionConfig(KVSelectionConfig):
+    """Knobs of the methods whose scores are the attention of a window of queries (SpecKV, SnapKV).
 
     Args:
         max_capacity_prompt (`int`, *optional*, defaults to 1024):
-            Prompt positions kept per layer and KV head, the `window_size` most recent ones included (the paper's
-            `C_max`; it used 256, 512 and 1024).
+            Prompt positions kept per layer and KV head, window included.
         window_size (`int`, *optional*, defaults to 32):
-            The `w` most recent prompt tokens before the last one are always kept. The scoring queries are the last
-            `w + 1` prompt tokens plus every lookahead token.
-        lookahead_tokens (`int`, *optional*, defaults to 64):
-            Number of tokens the draft generates greedily (it stops earlier at EOS). The paper's code used the
-            task's `max_new_tokens` (64 to 512); a cache cannot see `generate`'s `max_new_tokens`, so set this to
-            the length of the answers you expect. `0` scores with the prompt window only.
+            Recent prompt tokens that vote and are always kept.
         kernel_size (`int`, *optional*, defaults to 7):
             Width of the 1-D pooling applied to the scores along the key axis; must be odd.
         pool_type (`str`, *optional*, defaults to `"max"`):
             `"max"` (max-pool, implicit -inf padding) or `"mean"` (average pool, zero padding).
         reduction_type (`str`, *optional*, defaults to `"max"`):
-            How the scores of the window queries and of the query heads sharing a KV head are combined: `"max"` or
+            How the scores of the voting queries and of the query heads sharing a KV head are combined: `"max"` or
             `"mean"`.
         scoring_implementation (`str`, *optional*, defaults to `"auto"`):
             `"auto"` uses the fused Triton kernels for CUDA tensors when Triton works there, the chunked torch
@@ -77,7 +71,6 @@ class SpecKVConfig(KVSelectionConfig):
     """
 
     window_size: int = 32
-    lookahead_tokens: int = 64
     kernel_size: int = 7
     pool_type: str = "max"
     reduction_type: str = "max"
@@ -86,7 +79,6 @@ class SpecKVConfig(KVSelectionConfig):
     def validate(self) -> None:
         super().validate()
         _check_positive_int("window_size", self.window_size)
-        _check_positive_int("lookahead_tokens", self.lookahead_tokens, minimum=0)
         _check_positive_int("kernel_size", self.kernel_size)
         if self.kernel_size % 2 == 0:
             raise ValueError(
@@ -105,7 +97,33 @@ class SpecKVConfig(KVSelectionConfig):
 
 
 @dataclass
-class SnapKVConfig(KVSelectionConfig):
+class SpecKVConfig(AttentionSelectionConfig):
+    """Configuration of SpecKV (draft-based KV dropping, paper §2.1).
+
+    Args:
+        max_capacity_prompt (`int`, *optional*, defaults to 1024):
+            Prompt positions kept per layer and KV head, the `window_size` most recent ones included (the paper's
+            `C_max`; it used 256, 512 and 1024).
+        window_size (`int`, *optional*, defaults to 32):
+            The `w` most recent prompt tokens before the last one are always kept. The scoring queries are the last
+            `w + 1` prompt tokens plus every lookahead token.
+        lookahead_tokens (`int`, *optional*, defaults to 64):
+            Number of tokens the draft generates greedily (it stops earlier at EOS). The paper's code used the
+            task's `max_new_tokens` (64 to 512); a cache cannot see `generate`'s `max_new_tokens`, so set this to
+            the length of the answers you expect. `0` scores with the prompt window only.
+        kernel_size, pool_type, reduction_type, scoring_implementation:
+            As in [`AttentionSelectionConfig`]; the defaults (7, `"max"`, `"max"`) are the paper's.
+    """
+
+    lookahead_tokens: int = 64
+
+    def validate(self) -> None:
+        super().validate()
+        _check_positive_int("lookahead_tokens", self.lookahead_tokens, minimum=0)
+
+
+@dataclass
+class SnapKVConfig(AttentionSelectionConfig):
     """Configuration of the SnapKV baseline (Li et al., 2024): the prompt's own last tokens vote, no draft.
 
     Args:
@@ -120,29 +138,11 @@ class SnapKVConfig(KVSelectionConfig):
         reduction_type (`str`, *optional*, defaults to `"mean"`):
             SnapKV sums the window's attention, which ranks like the mean used here.
         scoring_implementation (`str`, *optional*, defaults to `"auto"`):
-            As for [`SpecKVConfig`].
+            As in [`AttentionSelectionConfig`].
     """
 
-    window_size: int = 32
-    kernel_size: int = 7
     pool_type: str = "mean"
     reduction_type: str = "mean"
-    scoring_implementation: str = "auto"
-
-    def validate(self) -> None:
-        super().validate()
-        _check_positive_int("window_size", self.window_size)
-        _check_positive_int("kernel_size", self.kernel_size)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"`kernel_size` must be odd, got {self.kernel_size}.")
-        _check_choice("pool_type", self.pool_type, POOL_TYPES)
-        _check_choice("reduction_type", self.reduction_type, REDUCTION_TYPES)
-        _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
-        if self.max_capacity_prompt <= self.window_size:
-            raise ValueError(
-                f"`max_capacity_prompt` ({self.max_capacity_prompt}) must be larger than `window_size` "
-                f"({self.window_size})."
-            )
 
 
 @dataclass
