@@ -1,0 +1,176 @@
+"""`hf-specapprox`: env, demo, eval, compress.
+
+    hf-specapprox env                               # versions, devices, threads (for bug reports)
+    hf-specapprox demo                              # full target vs SpecKV vs SpecPC vs SpecKV-PC on a long prompt
+    hf-specapprox eval --tasks niah_single vt --methods full speckv snapkv --budgets 128 256 --lengths 2048
+    hf-specapprox compress notes.txt --budget 512   # SpecPC on a text file -> compressed text + stats JSON
+
+Models: the embedded Qwen2.5-Coder pair by default (see `hf_specapprox.models`), `--target PATH --draft PATH` for
+local checkpoints, or `--tiny` for random tiny models (seconds; for trying the commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def _add_model_args(parser):
+    parser.add_argument("--target", help="local target checkpoint directory")
+    parser.add_argument("--draft", help="local draft checkpoint directory (same tokenizer)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (for trying the commands)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _models(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        from .testing import tiny_pair, tiny_tokenizer
+
+        target, draft = tiny_pair()
+        return target, draft, tiny_tokenizer()
+    from .models import load_pair
+
+    return load_pair(args.target, args.draft)
+
+
+def cmd_env(args) -> int:
+    import torch
+    import transformers
+
+    from . import __version__
+    from .scoring import triton_is_usable
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    info = {
+        "hf_specapprox": __version__, "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
+        "triton_usable": triton_is_usable(), "cuda": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"),
+    }
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import markdown_table, plot, run_eval, summarize
+
+    target, draft, tokenizer = _models(args)
+    out = Path(args.out)
+    rows = run_eval(target, draft, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
+                    context_lengths=args.lengths, num_samples=args.samples, out_path=out / "results.jsonl",
+                    pc_budget=args.pc_budget, haystack=args.haystack, seed=args.seed)
+    summary = summarize(rows)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = markdown_table(summary)
+    (out / "summary.md").write_text(table + "\n")
+    plot(summary, out / "accuracy_vs_budget.png")
+    print(table)
+    print(f"results: {out / 'results.jsonl'}, plot: {out / 'accuracy_vs_budget.png'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from .eval import make_sample, run_method, score
+
+    target, draft, tokenizer = _models(args)
+    sample = make_sample("niah_single", 0, tokenizer, args.length)
+    encoded = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)
+    print(f"prompt: {encoded['input_ids'].shape[1]} tokens; question: the hidden number; answer {sample.answers}")
+    print(f"| method | budget | kept | seconds | answer | correct |\n|---|---|---|---|---|---|")
+    for method, budget in (("full", None), ("speckv", args.budget), ("specpc", args.pc_budget),
+                           ("speckv_pc", args.budget)):
+        start = time.perf_counter()
+        with torch.no_grad():
+            tokens, stats = run_method(method, target, draft, encoded["input_ids"], encoded["attention_mask"],
+                                       budget=budget, max_new_tokens=args.max_new_tokens, pc_budget=args.pc_budget)
+        seconds = time.perf_counter() - start
+        answer = tokenizer.decode(tokens[0], skip_special_tokens=True).strip().replace("\n", " ")
+        kept = stats.get("kept_tokens", [None])[0] if method != "speckv" else f"{budget} KV/layer"
+        correct = score(answer, sample.answers, sample.metric) == 100
+        print(f"| {method} | {budget or '—'} | {kept or encoded['input_ids'].shape[1]} | {seconds:.1f} | "
+              f"{answer[:50]!r} | {'yes' if correct else 'no'} |")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .specpc import SpecPCPreprocessor
+
+    _, draft, tokenizer = _models(args)
+    text = Path(args.file).read_text()
+    layers = draft.config.get_text_config(decoder=True).num_hidden_layers
+    specpc = SpecPCPreprocessor(draft, tokenizer=tokenizer, max_capacity_prompt=args.budget,
+                                starting_layer_index=min(8, layers - 1))
+    compressed_text, output = specpc.compress_text(text)
+    out = Path(args.out or Path(args.file).with_suffix(".compressed.txt"))
+    out.write_text(compressed_text)
+    stats = {key: (value[0] if isinstance(value, list) else value) for key, value in output.stats.items()}
+    out.with_suffix(".json").write_text(json.dumps(stats, indent=1))
+    print(json.dumps(stats))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .eval import METHODS, TASKS
+
+    parser = argparse.ArgumentParser(prog="hf-specapprox", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("env", help="versions and devices").set_defaults(func=cmd_env)
+
+    demo = commands.add_parser("demo", help="all methods on one long prompt")
+    _add_model_args(demo)
+    demo.add_argument("--length", type=int, default=2048)
+    demo.add_argument("--budget", type=int, default=128)
+    demo.add_argument("--pc-budget", type=int, default=512)
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.set_defaults(func=cmd_demo)
+
+    evaluate = commands.add_parser("eval", help="the offline evaluation harness")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "vt", "qa"], choices=TASKS)
+    evaluate.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv"], choices=sorted(METHODS))
+    evaluate.add_argument("--budgets", nargs="+", type=int, default=[128, 256])
+    evaluate.add_argument("--pc-budget", type=int, default=1024)
+    evaluate.add_argument("--lengths", nargs="+", type=int, default=[2048])
+    evaluate.add_argument("--samples", type=int, default=8)
+    evaluate.add_argument("--haystack", choices=["noise", "essay"], default="noise")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", default="specapprox-eval")
+    evaluate.set_defaults(func=cmd_eval)
+
+    compress = commands.add_parser("compress", help="SpecPC on a text file")
+    _add_model_args(compress)
+    compress.add_argument("file")
+    compress.add_argument("--budget", type=int, default=1024)
+    compress.add_argument("--out")
+    compress.set_defaults(func=cmd_compress)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Offline evaluation: RULER-style synthetic tasks, RULER's metrics, every method behind one call, a resumable runner."""
+
+from .methods import METHODS, run_method
+from .metrics import load_longbench_jsonl, score, string_match_all, string_match_part
+from .runner import markdown_table, plot, read_results, run_eval, summarize
+from .tasks import TASKS, Sample, make_sample, make_samples
+
+__all__ = [
+    "METHODS", "TASKS", "Sample", "load_longbench_jsonl", "make_sample", "make_samples", "markdown_table", "plot",
+    "read_results", "run_eval", "run_method", "score", "string_match_all", "string_match_part", "summarize",
+]

@@ -1,0 +1,134 @@
+"""The evaluation loop: tasks × context lengths × methods × budgets, one JSON line per answer, resumable."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from transformers.utils.logging import tqdm
+
+from .methods import METHODS, run_method
+from .metrics import score
+from .tasks import make_samples
+
+
+def _key(row) -> tuple:
+    return (row["task"], row["index"], row["context_length"], row["method"], row["budget"])
+
+
+def read_results(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: recomputed on resume
+                continue
+    return rows
+
+
+def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengths, num_samples, out_path,
+             pc_budget: int = 1024, haystack: str = "noise", seed: int = 0) -> list[dict]:
+    """Runs every (sample, method, budget) not already in `out_path` and appends its row there.
+
+    Budgets apply to the methods that have one (see `METHODS`); `full` and `draft` run once per sample. A crash loses
+    at most the answer being computed: rerun with the same arguments to continue.
+
+    Returns:
+        All rows of `out_path` for the requested grid.
+    """
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {_key(row) for row in read_results(out_path)}
+    jobs = []
+    for length in context_lengths:
+        for sample in make_samples(tasks, tokenizer, length, num_samples, haystack, seed):
+            for method in methods:
+                for budget in (budgets if METHODS[method] else [None]):
+                    key = (sample.task, sample.index, length, method, budget)
+                    if key not in done:
+                        jobs.append((length, sample, method, budget))
+    with open(out_path, "a") as handle:
+        for length, sample, method, budget in tqdm(jobs, desc="evaluating"):
+            encoded = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)
+            start = time.perf_counter()
+            new_tokens, stats = run_method(method, target, draft, encoded["input_ids"], encoded["attention_mask"],
+                                           budget=budget, max_new_tokens=sample.max_new_tokens, pc_budget=pc_budget)
+            seconds = time.perf_counter() - start
+            prediction = tokenizer.decode(new_tokens[0], skip_special_tokens=True)
+            row = dict(task=sample.task, index=sample.index, context_length=length,
+                       prompt_tokens=encoded["input_ids"].shape[1], method=method, budget=budget,
+                       prediction=prediction, answers=sample.answers, score=score(prediction, sample.answers,
+                                                                                 sample.metric),
+                       seconds=seconds, **stats)
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+    wanted = {(t, i, length) for length in context_lengths for t in tasks for i in range(num_samples)}
+    return [row for row in read_results(out_path)
+            if (row["task"], row["index"], row["context_length"]) in wanted and row["method"] in methods]
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean score and seconds per (context length, method, budget), with the per-task means."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["context_length"], row["method"], row["budget"])].append(row)
+    table = []
+    for (length, method, budget), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+        per_task = defaultdict(list)
+        for item in items:
+            per_task[item["task"]].append(item["score"])
+        table.append(dict(
+            context_length=length, method=method, budget=budget, samples=len(items),
+            score=sum(i["score"] for i in items) / len(items),
+            seconds=sum(i["seconds"] for i in items) / len(items),
+            per_task={task: sum(v) / len(v) for task, v in sorted(per_task.items())},
+        ))
+    return table
+
+
+def markdown_table(summary: list[dict]) -> str:
+    full = {row["context_length"]: row["seconds"] for row in summary if row["method"] == "full"}
+    lines = ["| context | method | budget | samples | score | seconds | vs full |", "|---|---|---|---|---|---|---|"]
+    for row in summary:
+        ratio = row["seconds"] / full[row["context_length"]] if row["context_length"] in full else float("nan")
+        lines.append(f"| {row['context_length']} | {row['method']} | {row['budget'] or '—'} | {row['samples']} | "
+                     f"{row['score']:.1f} | {row['seconds']:.1f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path) -> Path:
+    """Accuracy vs budget, one line per budgeted method, `full` and `draft` as horizontal references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({row["context_length"] for row in summary})
+    figure, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for axis, length in zip(axes[0], lengths):
+        rows = [row for row in summary if row["context_length"] == length]
+        for method in sorted({row["method"] for row in rows}):
+            points = sorted((row["budget"], row["score"]) for row in rows if row["method"] == method and row["budget"])
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            else:
+                reference = next(row["score"] for row in rows if row["method"] == method)
+                axis.axhline(reference, linestyle="--", color="gray" if method == "full" else "silver",
+                             label=f"{method} ({reference:.0f})")
+        axis.set(title=f"{length} tokens", xlabel="budget", ylabel="score", ylim=(-5, 105))
+        axis.set_xscale("log", base=2)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,96 @@
+"""The evaluation harness on tiny models: deterministic tasks, RULER's metrics, resumable runs, plot, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_specapprox import cli
+from hf_specapprox.eval import (METHODS, TASKS, make_sample, markdown_table, plot, read_results, run_eval, score,
+                                summarize)
+from hf_specapprox.eval import runner as runner_module
+from hf_specapprox.testing import tiny_pair, tiny_tokenizer
+
+
+class WordTokenizer:
+    """Counts whitespace words as tokens, has no chat template: enough to size prompts for the generators."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        return {"input_ids": text.split()}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tasks_are_deterministic_sized_and_contain_their_answers(task):
+    tokenizer = WordTokenizer()
+    sample = make_sample(task, 3, tokenizer, 600)
+    assert sample == make_sample(task, 3, tokenizer, 600)
+    assert make_sample(task, 4, tokenizer, 600).prompt != sample.prompt
+    length = len(sample.prompt.split())
+    assert 400 <= length <= 600
+    for answer in sample.answers:
+        assert answer in sample.prompt.rsplit("\n", 2)[0]  # in the body, not only the question
+    perfect = " ".join(sample.answers)
+    assert score(perfect, sample.answers, sample.metric) == 100.0
+    assert score("no idea", sample.answers, sample.metric) == 0.0
+
+
+def test_metrics():
+    assert score("A 123 and 456", ["123", "456", "789"], "all") == pytest.approx(200 / 3)
+    assert score("the TOWN", ["town", "city"], "part") == 100.0
+
+
+def test_run_is_resumable_and_summarised(tmp_path, monkeypatch):
+    target, draft = tiny_pair()
+    tokenizer = tiny_tokenizer()
+    calls = []
+    real = runner_module.run_method
+
+    def counting(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_method", counting)
+    grid = dict(tasks=["niah_single", "vt"], methods=sorted(METHODS), budgets=[32], context_lengths=[300],
+                num_samples=1, out_path=tmp_path / "results.jsonl", pc_budget=128)
+    rows = run_eval(target, draft, tokenizer, **grid)
+    budgeted = sum(1 for m in METHODS.values() if m)
+    assert len(rows) == len(calls) == 2 * (budgeted + 2)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:-3] + [lines[-3][:10]]) + "\n")  # a crash mid-line
+    calls.clear()
+    rows = run_eval(target, draft, tokenizer, **grid)
+    assert len(calls) == 3 and len(rows) == 2 * (budgeted + 2)
+    assert all(0.0 <= row["score"] <= 100.0 and row["seconds"] > 0 for row in rows)
+    summary = summarize(rows)
+    assert {row["method"] for row in summary} == set(METHODS)
+    assert "| 300 | full | — | 2 |" in markdown_table(summary)
+    assert plot(summary, tmp_path / "plot.png").stat().st_size > 1000
+    assert len(read_results(tmp_path / "results.jsonl")) == len(rows)
+
+
+def test_cli_env_and_tiny_eval(tmp_path, capsys):
+    assert cli.main(["env"]) == 0
+    assert "transformers:" in capsys.readouterr().out
+    assert cli.main(["eval", "--tiny", "--tasks", "qa", "--methods", "full", "speckv", "--budgets", "32",
+                     "--lengths", "200", "--samples", "1", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {row["method"] for row in summary} == {"full", "speckv"}
+    assert (tmp_path / "accuracy_vs_budget.png").exists()
+
+
+def test_cli_compress_and_demo(tmp_path, capsys):
+    from hf_specapprox.testing import words
+
+    document = tmp_path / "notes.txt"
+    document.write_text(words(300, seed=3))
+    assert cli.main(["compress", "--tiny", str(document), "--budget", "100"]) == 0
+    stats = json.loads((tmp_path / "notes.compressed.json").read_text())
+    assert stats["original_tokens"] == 300 and stats["kept_tokens"] == 100
+    assert len((tmp_path / "notes.compressed.txt").read_text().split()) == 100
+    assert cli.main(["demo", "--tiny", "--length", "300", "--budget", "32", "--pc-budget", "128",
+                     "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| speckv_pc | 32 |" in out and "| full |" in out
