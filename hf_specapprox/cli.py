@@ -75,7 +75,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     rows = run_eval(target, draft, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
                     context_lengths=args.lengths, num_samples=args.samples, out_path=out / "results.jsonl",
-                    pc_budget=args.pc_budget, haystack=args.haystack, seed=args.seed)
+                    prompt_budgets=args.prompt_budgets, pc_budget=args.pc_budget, haystack=args.haystack, seed=args.seed)
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = markdown_table(summary)
@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(evaluate)
     evaluate.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "vt", "qa"], choices=TASKS)
     evaluate.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv"], choices=sorted(METHODS))
-    evaluate.add_argument("--budgets", nargs="+", type=int, default=[128, 256])
-    evaluate.add_argument("--pc-budget", type=int, default=1024)
+    evaluate.add_argument("--budgets", nargs="+", type=int, default=[128, 256], help="KV budgets")
+    evaluate.add_argument("--prompt-budgets", nargs="+", type=int, default=[512, 1024],
+                          help="prompt budgets of SpecPC and SpecPrefill")
+    evaluate.add_argument("--pc-budget", type=int, default=1024, help="SpecKV-PC's first-stage prompt budget")
     evaluate.add_argument("--lengths", nargs="+", type=int, default=[2048])
     evaluate.add_argument("--samples", type=int, default=8)
     evaluate.add_argument("--haystack", choices=["noise", "essay"], default="noise")

@@ -74,10 +74,10 @@ def test_run_is_resumable_and_summarised(tmp_path, monkeypatch):
 def test_cli_env_and_tiny_eval(tmp_path, capsys):
     assert cli.main(["env"]) == 0
     assert "transformers:" in capsys.readouterr().out
-    assert cli.main(["eval", "--tiny", "--tasks", "qa", "--methods", "full", "speckv", "--budgets", "32",
-                     "--lengths", "200", "--samples", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main(["eval", "--tiny", "--tasks", "qa", "--methods", "full", "speckv", "specpc", "--budgets", "32",
+                     "--prompt-budgets", "64", "--lengths", "200", "--samples", "1", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {row["method"] for row in summary} == {"full", "speckv"}
+    assert {(row["method"], row["budget"]) for row in summary} == {("full", None), ("speckv", 32), ("specpc", 64)}
     assert (tmp_path / "accuracy_vs_budget.png").exists()
 
 

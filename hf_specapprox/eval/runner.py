@@ -33,11 +33,12 @@ def read_results(path) -> list[dict]:
 
 
 def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengths, num_samples, out_path,
-             pc_budget: int = 1024, haystack: str = "noise", seed: int = 0) -> list[dict]:
+             prompt_budgets=None, pc_budget: int = 1024, haystack: str = "noise", seed: int = 0) -> list[dict]:
     """Runs every (sample, method, budget) not already in `out_path` and appends its row there.
 
-    Budgets apply to the methods that have one (see `METHODS`); `full` and `draft` run once per sample. A crash loses
-    at most the answer being computed: rerun with the same arguments to continue.
+    `budgets` are KV budgets (SpecKV, SnapKV, StreamingLLM, SpecKV-PC's second stage), `prompt_budgets` prompt
+    budgets (SpecPC, SpecPrefill; default: `budgets`); `full` and `draft` run once per sample. A crash loses at most
+    the answer being computed: rerun with the same arguments to continue.
 
     Returns:
         All rows of `out_path` for the requested grid.
@@ -48,11 +49,12 @@ def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengt
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(row) for row in read_results(out_path)}
+    grid = {"kv": list(budgets), "prompt": list(prompt_budgets or budgets), None: [None]}
     jobs = []
     for length in context_lengths:
         for sample in make_samples(tasks, tokenizer, length, num_samples, haystack, seed):
             for method in methods:
-                for budget in (budgets if METHODS[method] else [None]):
+                for budget in grid[METHODS[method]]:
                     key = (sample.task, sample.index, length, method, budget)
                     if key not in done:
                         jobs.append((length, sample, method, budget))
