@@ -39,6 +39,7 @@ class DraftAgreementMonitor(LogitsProcessor):
         """Forgets what was recorded (call it before reusing the monitor for another `generate`)."""
         self.prompt_length = None
         self._draft = None
+        self._unavailable = None
         self._matches = self._compared = self._prefix = self._still_matching = None
 
     def _draft_tokens(self, batch: int, device):
@@ -49,10 +50,7 @@ class DraftAgreementMonitor(LogitsProcessor):
             else:
                 tokens, valid = self.source.lookahead_ids, self.source.lookahead_valid
                 if tokens is None:
-                    raise ValueError(
-                        "The cache has no draft tokens: its prompt was not compressed (it fit the budget), so there "
-                        "is nothing to compare with."
-                    )
+                    return None
             if batch % tokens.shape[0]:
                 raise ValueError(f"{tokens.shape[0]} rows of draft tokens cannot serve a batch of {batch}.")
             repeats = batch // tokens.shape[0]
@@ -61,7 +59,14 @@ class DraftAgreementMonitor(LogitsProcessor):
 
     def _record(self, input_ids: torch.Tensor, upto: int) -> None:
         """Compares the answer tokens at positions `[already recorded, upto)`."""
-        tokens, valid = self._draft_tokens(input_ids.shape[0], input_ids.device)
+        draft = self._draft_tokens(input_ids.shape[0], input_ids.device)
+        if draft is None:  # never raise inside `generate`: report it when the numbers are asked for
+            self._unavailable = (
+                "The cache has no draft tokens: its prompt was not compressed (it fit the budget), so there is "
+                "nothing to compare with."
+            )
+            return
+        tokens, valid = draft
         if self._matches is None:
             zeros = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             self._matches, self._compared, self._prefix = zeros.clone(), zeros.clone(), zeros.clone()
@@ -86,6 +91,8 @@ class DraftAgreementMonitor(LogitsProcessor):
     def _finalise(self, sequences: torch.Tensor | None) -> None:
         if self.prompt_length is None:
             raise ValueError("Nothing was recorded: pass the monitor to `generate(logits_processor=[...])` first.")
+        if self._unavailable:
+            raise ValueError(self._unavailable)
         if sequences is not None:  # the last answer token is chosen after the last processor call
             self._record(sequences, sequences.shape[1] - self.prompt_length)
 

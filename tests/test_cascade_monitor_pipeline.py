@@ -115,6 +115,25 @@ def test_pipeline_batch_of_ragged_prompts_equals_manual_runs(models, tokenizer, 
         assert 0.0 <= stats["draft_agreement"] <= 1.0
 
 
+def test_pipeline_with_a_prompt_within_the_budgets(models, tokenizer):
+    record = make_pipe(models, tokenizer, method="speckv-pc")(words(10, 9), max_new_tokens=3, do_sample=False)[0]
+    stats = record["hf_specapprox"]
+    assert stats["prompt_tokens"] == 10 and stats["specpc_kept_tokens"] == 10
+    assert stats["kv_kept_per_layer"] is None and stats["draft_agreement"] is None
+
+
+def test_monitor_on_an_uncompressed_cache_reports_instead_of_breaking_generate(models):
+    target, draft = models
+    ids, mask = random_batch(1, 8, [0], seed=6)
+    cache = hs.SpecKVCache(draft=draft, model=target, **SPECKV)
+    monitor = hs.DraftAgreementMonitor(cache)
+    out = target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3,
+                          do_sample=False, pad_token_id=0, logits_processor=[monitor])
+    assert out.shape[1] == 11
+    with pytest.raises(ValueError, match="not compressed"):
+        monitor.agreement(out)
+
+
 def test_pipeline_full_text_starts_with_the_original_prompt(models, tokenizer):
     prompt = words(50, 4)
     pipe = make_pipe(models, tokenizer, method="speckv-pc")

@@ -159,4 +159,5 @@ def make_sample(task: str, index: int, tokenizer, context_tokens: int, haystack:
 
 
 def make_samples(tasks, tokenizer, context_tokens: int, num_samples: int, haystack: str = "noise", seed: int = 0):
-    return [make_sample(t, i, tokenizer, context_tokens, haystack, seed) for t in tasks for i in range(num_samples)]
+    """Samples `0 .. num_samples - 1` of every task, index-major (a cut-short run still covers every task)."""
+    return [make_sample(t, i, tokenizer, context_tokens, haystack, seed) for i in range(num_samples) for t in tasks]
