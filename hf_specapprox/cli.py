@@ -12,6 +12,7 @@ local checkpoints, or `--tiny` for random tiny models (seconds; for trying the c
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -78,6 +79,11 @@ def cmd_eval(args) -> int:
                     prompt_budgets=args.prompt_budgets, pc_budget=args.pc_budget, haystack=args.haystack, seed=args.seed)
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with open(out / "summary.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["context_length", "method", "budget", "samples", "score", "seconds"])
+        writer.writerows([[r["context_length"], r["method"], r["budget"], r["samples"], r["score"], r["seconds"]]
+                          for r in summary])
     table = markdown_table(summary)
     (out / "summary.md").write_text(table + "\n")
     plot(summary, out / "accuracy_vs_budget.png")

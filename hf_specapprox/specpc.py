@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +41,16 @@ class SpecPCOutput:
     original_lengths: torch.Tensor
     kept_lengths: torch.Tensor
     draft_seconds: float
-    stats: dict = field(default_factory=dict)
+
+    @property
+    def stats(self) -> dict:
+        """Plain numbers for logs and JSON: original and kept tokens per row, their ratio, the draft's seconds."""
+        return {
+            "original_tokens": self.original_lengths.tolist(),
+            "kept_tokens": self.kept_lengths.tolist(),
+            "compression_ratio": self.compression_ratio.tolist(),
+            "draft_seconds": self.draft_seconds,
+        }
 
     @property
     def model_inputs(self) -> dict:
@@ -275,10 +284,4 @@ def _gather_left_padded(input_ids, valid, keep, draft_tokens, draft_valid, score
         original_lengths=original,
         kept_lengths=counts,
         draft_seconds=draft_seconds,
-        stats={
-            "original_tokens": original.tolist(),
-            "kept_tokens": counts.tolist(),
-            "compression_ratio": (counts.float() / original.clamp(min=1).float()).tolist(),
-            "draft_seconds": draft_seconds,
-        },
     )

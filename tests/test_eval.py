@@ -79,6 +79,7 @@ def test_cli_env_and_tiny_eval(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {(row["method"], row["budget"]) for row in summary} == {("full", None), ("speckv", 32), ("specpc", 64)}
     assert (tmp_path / "accuracy_vs_budget.png").exists()
+    assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "context_length,method,budget,samples,score,seconds"
 
 
 def test_cli_compress_and_demo(tmp_path, capsys):

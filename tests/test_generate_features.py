@@ -234,3 +234,26 @@ def test_cache_kwarg_name_of_the_running_version_works(models):
     cache = make_cache(draft)
     out = target.generate(input_ids=ids, max_new_tokens=2, do_sample=False, **{name: cache}, **GEN)
     assert cache.is_compressed and out.sequences.shape[1] == 32
+
+
+def test_stopping_criteria_and_logits_processors_see_the_full_sequence(models):
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    target, draft = models
+    ids, mask = random_batch(2, 30, [0, 3], seed=14)
+    lengths = []
+
+    class RecordLengths(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            lengths.append(input_ids.shape[1])
+            return scores
+
+    class StopAfterThree(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 33, dtype=torch.bool)
+
+    out = target.generate(input_ids=ids, attention_mask=mask, past_key_values=make_cache(draft), max_new_tokens=10,
+                          do_sample=False, logits_processor=[RecordLengths()], stopping_criteria=[StopAfterThree()],
+                          **GEN)
+    assert out.sequences.shape[1] == 33 and lengths == [30, 31, 32]
+    assert_matches_oracle(target, out.past_key_values, ids, mask, out)
