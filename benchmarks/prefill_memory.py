@@ -1,10 +1,13 @@
-"""Peak K/V bytes and peak process memory of a long-prompt prefill: stock `generate` vs SpecKV vs SnapKV.
+"""Peak K/V bytes and peak memory of a long-prompt prefill: stock `generate` vs SpecKV vs SnapKV.
 
-Each method runs in its own subprocess (so peak RSS is its own) on the same random-weight model and prompt, with
-`max_new_tokens=1` so the numbers are the prefill's. "Peak K/V" is measured from the real tensors: the bytes the
-cache holds plus the K/V of the layer being computed, sampled at every `Cache.update`.
+Each method runs in its own subprocess (so its peak memory is its own) on the same random-weight model and prompt,
+with `max_new_tokens=1` so the numbers are the prefill's. "Peak K/V" is measured from the real tensors: the bytes
+the cache holds plus the K/V of the layer being computed, sampled at every `Cache.update`. "Peak memory growth" is
+the process's peak RSS during `generate` minus before it on CPU, and `torch.cuda.max_memory_allocated` above what
+was allocated before `generate` on CUDA.
 
     python benchmarks/prefill_memory.py --prompt-tokens 8192
+    python benchmarks/prefill_memory.py --device cuda --dtype bfloat16 --prompt-tokens 32768
 
 Prints a table with ratios against stock `generate` measured in the same run.
 """
@@ -26,6 +29,7 @@ import hf_specapprox as hs
 
 
 def build(args, seed, num_layers):
+    """A random-weight Llama on `args.device` in `args.dtype` (initialised there: fast on GPUs)."""
     config = LlamaConfig(
         vocab_size=1024, hidden_size=args.heads * args.head_dim, intermediate_size=2 * args.heads * args.head_dim,
         num_hidden_layers=num_layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -33,7 +37,9 @@ def build(args, seed, num_layers):
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config)
+    return model.to(getattr(torch, args.dtype)).eval()
 
 
 def tensor_bytes(*tensors):
@@ -68,7 +74,7 @@ def measured(cache_cls):
 def worker(args):
     torch.set_num_threads(args.threads)
     target = build(args, 0, args.layers)
-    ids = torch.randint(3, 1024, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 1024, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
     if args.worker == "stock":
         cache = MeasuredDynamicCache()
     elif args.worker == "speckv":
@@ -79,15 +85,24 @@ def worker(args):
         cache = measured(hs.SnapKVCache)(model=target, max_capacity_prompt=args.budget)
     else:
         raise ValueError(args.worker)
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     with torch.no_grad():
-        target.generate(input_ids=ids, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=1,
+                        do_sample=False)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
         "method": args.worker, "peak_kv_bytes": cache.peak, "final_kv_bytes": layer_bytes(cache.layers),
-        "rss_growth_kib": peak_rss - baseline_rss, "seconds": seconds,
+        "memory_growth_bytes": peak - baseline, "seconds": seconds,
     }))
 
 
@@ -102,6 +117,8 @@ def main():
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--lookahead", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--methods", default="stock,speckv,snapkv")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,16 +133,18 @@ def main():
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     base = next(row for row in rows if row["method"] == "stock") if "stock" in args.methods else rows[0]
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads; "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads} threads"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}; "
           f"prompt {args.prompt_tokens} tokens, {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} dims "
-          f"fp32, budget {args.budget}, lookahead {args.lookahead}, draft {args.draft_layers} layers")
-    print(f"| method | peak K/V MiB | vs stock | K/V after prefill MiB | peak RSS growth MiB | vs stock | seconds | vs stock |")
+          f"{args.dtype}, budget {args.budget}, lookahead {args.lookahead}, draft {args.draft_layers} layers")
+    print(f"| method | peak K/V MiB | vs stock | K/V after prefill MiB | peak memory growth MiB | vs stock | seconds "
+          f"| vs stock |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['method']} | {row['peak_kv_bytes'] / 2**20:.1f} | {row['peak_kv_bytes'] / base['peak_kv_bytes']:.3f} "
-            f"| {row['final_kv_bytes'] / 2**20:.1f} | {row['rss_growth_kib'] / 1024:.0f} "
-            f"| {row['rss_growth_kib'] / max(base['rss_growth_kib'], 1):.2f} | {row['seconds']:.1f} "
+            f"| {row['final_kv_bytes'] / 2**20:.1f} | {row['memory_growth_bytes'] / 2**20:.0f} "
+            f"| {row['memory_growth_bytes'] / max(base['memory_growth_bytes'], 1):.2f} | {row['seconds']:.2f} "
             f"| {row['seconds'] / base['seconds']:.2f} |"
         )
 
