@@ -137,8 +137,8 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}; "
           f"prompt {args.prompt_tokens} tokens, {args.layers} layers x {args.kv_heads} KV heads x {args.head_dim} dims "
           f"{args.dtype}, budget {args.budget}, lookahead {args.lookahead}, draft {args.draft_layers} layers")
-    print(f"| method | peak K/V MiB | vs stock | K/V after prefill MiB | peak memory growth MiB | vs stock | seconds "
-          f"| vs stock |")
+    print("| method | peak K/V MiB | vs stock | K/V after prefill MiB | peak memory growth MiB | vs stock | seconds "
+          "| vs stock |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(

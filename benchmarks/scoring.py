@@ -97,7 +97,6 @@ def main():
                     memory_ratio=None if result["peak"] is None or not base["peak"] else result["peak"] / base["peak"],
                     max_abs_err_vs_chunked=error if name == "triton" else None,
                 ))
-            del q, k, results
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, dtype {dtype}, H={preset['heads']} H_kv={preset['kv_heads']} "

@@ -101,7 +101,7 @@ def cmd_demo(args) -> int:
     sample = make_sample("niah_single", 0, tokenizer, args.length)
     encoded = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)
     print(f"prompt: {encoded['input_ids'].shape[1]} tokens; question: the hidden number; answer {sample.answers}")
-    print(f"| method | budget | kept | seconds | answer | correct |\n|---|---|---|---|---|---|")
+    print("| method | budget | kept | seconds | answer | correct |\n|---|---|---|---|---|---|")
     for method, budget in (("full", None), ("speckv", args.budget), ("specpc", args.pc_budget),
                            ("speckv_pc", args.budget)):
         start = time.perf_counter()

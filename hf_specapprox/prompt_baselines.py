@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import SpecPCConfig
-from .scoring.select import chunk_keep_mask, specpc_keep_mask
+from .scoring.select import chunk_keep_mask
 from .specpc import SpecPCPreprocessor
 
 
