@@ -257,3 +257,22 @@ def test_stopping_criteria_and_logits_processors_see_the_full_sequence(models):
                           **GEN)
     assert out.sequences.shape[1] == 33 and lengths == [30, 31, 32]
     assert_matches_oracle(target, out.past_key_values, ids, mask, out)
+
+
+def test_batch_operations_carry_the_per_row_selection(models):
+    target, draft = models
+    ids, mask = random_batch(2, 30, [0, 5], seed=15)
+    cache = make_cache(draft)
+    target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False,
+                    pad_token_id=0)
+    layer = cache.layers[0]
+    keys, kept, prompt_mask = layer.keys.clone(), layer.kept_positions.clone(), cache.prompt_mask.clone()
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(layer.keys, keys.repeat_interleave(2, 0))
+    assert torch.equal(layer.kept_positions, kept.repeat_interleave(2, 0))
+    assert torch.equal(cache.prompt_mask, prompt_mask.repeat_interleave(2, 0))
+    cache.batch_select_indices(torch.tensor([1, 2]))
+    assert torch.equal(layer.kept_positions, kept[[0, 1]]) and torch.equal(layer.keys, keys[[0, 1]])
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.kept_positions, kept[[1, 0]]) and torch.equal(cache.prompt_mask, prompt_mask[[1, 0]])
+    assert cache.get_seq_length() == 31
