@@ -1,8 +1,9 @@
-"""`hf-specapprox`: env, demo, eval, compress.
+"""`hf-specapprox`: env, demo, eval, bench, compress.
 
     hf-specapprox env                               # versions, devices, threads (for bug reports)
     hf-specapprox demo                              # full target vs SpecKV vs SpecPC vs SpecKV-PC on a long prompt
     hf-specapprox eval --tasks niah_single vt --methods full speckv snapkv --budgets 128 256 --lengths 2048
+    hf-specapprox bench --methods full speckv snapkv specpc --length 2048   # seconds + peak memory, fresh processes
     hf-specapprox compress notes.txt --budget 512   # SpecPC on a text file -> compressed text + stats JSON
 
 Models: the embedded Qwen2.5-Coder pair by default (see `hf_specapprox.models`), `--target PATH --draft PATH` for
@@ -117,6 +118,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .eval import bench_table, run_bench
+
+    rows = run_bench(args.methods, target=args.target, draft=args.draft, tiny=args.tiny, length=args.length,
+                     budget=args.budget, pc_budget=args.pc_budget, max_new_tokens=args.max_new_tokens,
+                     task=args.task, threads=args.threads, device=args.device)
+    table = bench_table(rows)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(rows, indent=1))
+        (out / "bench.md").write_text(table + "\n")
+    return 0
+
+
 def cmd_compress(args) -> int:
     from .specpc import SpecPCPreprocessor
 
@@ -164,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="specapprox-eval")
     evaluate.set_defaults(func=cmd_eval)
+
+    bench = commands.add_parser("bench", help="seconds and peak memory per method, each in a fresh process")
+    _add_model_args(bench)
+    bench.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv", "specpc", "speckv_pc"],
+                       choices=sorted(METHODS))
+    bench.add_argument("--task", default="niah_single", choices=TASKS)
+    bench.add_argument("--length", type=int, default=2048)
+    bench.add_argument("--budget", type=int, default=128, help="KV budget")
+    bench.add_argument("--pc-budget", type=int, default=512, help="prompt budget")
+    bench.add_argument("--max-new-tokens", type=int, default=24)
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--out", help="folder for bench.json and bench.md")
+    bench.set_defaults(func=cmd_bench)
 
     compress = commands.add_parser("compress", help="SpecPC on a text file")
     _add_model_args(compress)

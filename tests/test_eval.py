@@ -95,3 +95,31 @@ def test_cli_compress_and_demo(tmp_path, capsys):
                      "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "| speckv_pc | 32 |" in out and "| full |" in out
+
+
+def test_bench_measures_each_method_in_its_own_process(tmp_path):
+    from hf_specapprox.eval import bench_table, run_bench
+
+    rows = run_bench(["snapkv", "full"], tiny=True, length=256, budget=32, max_new_tokens=4)
+    assert [row["method"] for row in rows] == ["full", "snapkv"]  # the baseline first, whatever the order given
+    full, snapkv = rows
+    assert full["seconds_vs_full"] == 1.0 and full["added_rss_vs_full"] in (1.0, None)
+    assert snapkv["seconds_vs_full"] == pytest.approx(snapkv["seconds"] / full["seconds"])
+    for row in rows:
+        assert row["seconds"] > 0 and 0 <= row["added_rss_bytes"] <= row["peak_rss_bytes"]
+        assert row["prompt_tokens"] <= 256
+    # The tiny target: 2 layers x 2 KV heads x 16 dims, K and V in fp32. Rows: the 32 kept, the last prompt token
+    # (re-fed after the compression), the decoded tokens but the last (its K/V is never computed).
+    assert snapkv["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * (32 + 1 + len(tokens_of(snapkv)) - 1)
+    assert "| snapkv | 32 |" in bench_table(rows)
+
+
+def tokens_of(row):
+    return tiny_tokenizer()(row["answer"], add_special_tokens=False)["input_ids"]
+
+
+def test_bench_refuses_unknown_methods_before_starting_anything():
+    from hf_specapprox.eval import run_bench
+
+    with pytest.raises(ValueError, match="choose from"):
+        run_bench(["snapkv", "h2o"], tiny=True)
