@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import compat
+from .adapters import unwrap_adapters
 
 
 class _CompressionPrefillHook:
@@ -31,7 +32,7 @@ def _hook_ids(model: torch.nn.Module) -> list:
 
 def is_bound(model: torch.nn.Module) -> bool:
     """Whether [`bind`] was called on `model` (and not undone by [`unbind`])."""
-    return bool(_hook_ids(model))
+    return bool(_hook_ids(unwrap_adapters(model)))
 
 
 def bind(model: torch.nn.Module) -> torch.nn.Module:
@@ -41,7 +42,8 @@ def bind(model: torch.nn.Module) -> torch.nn.Module:
     exactly as before. Undo it with [`unbind`].
 
     Args:
-        model (`PreTrainedModel`): the target, e.g. an `AutoModelForCausalLM`.
+        model (`PreTrainedModel`): the target, e.g. an `AutoModelForCausalLM`. A `peft.PeftModel` with weight adapters
+            (LoRA, ...) binds the model it wraps; prompt-learning adapters raise `ValueError`.
 
     Returns:
         The same model, for chaining.
@@ -56,14 +58,16 @@ def bind(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`bind` expects a torch model, got {type(model).__name__}.")
-    if not is_bound(model):
-        model.register_forward_pre_hook(_CompressionPrefillHook(), with_kwargs=True)
+    inner = unwrap_adapters(model, role="target")
+    if not is_bound(inner):
+        inner.register_forward_pre_hook(_CompressionPrefillHook(), with_kwargs=True)
     return model
 
 
 def unbind(model: torch.nn.Module) -> torch.nn.Module:
     """Removes what [`bind`] added to `model`."""
-    for key in _hook_ids(model):
-        del model._forward_pre_hooks[key]
-        model._forward_pre_hooks_with_kwargs.pop(key, None)
+    inner = unwrap_adapters(model)
+    for key in _hook_ids(inner):
+        del inner._forward_pre_hooks[key]
+        inner._forward_pre_hooks_with_kwargs.pop(key, None)
     return model

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from .adapters import unwrap_adapters
 from .config import SpecKVConfig, SpecPCConfig
 from .speckv import SpecKVCache
 from .specpc import SpecPCOutput, SpecPCPreprocessor
@@ -37,7 +38,7 @@ class SpecKVPC:
     """
 
     def __init__(self, draft, specpc_config: SpecPCConfig | None = None, speckv_config: SpecKVConfig | None = None):
-        self.draft = draft
+        self.draft = unwrap_adapters(draft, role="draft")
         self.specpc = SpecPCPreprocessor(draft, config=specpc_config or replace(DEFAULT_SPECPC))
         self.speckv_config = speckv_config or replace(DEFAULT_SPECKV)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .adapters import unwrap_adapters
 from .cache import PromptCompressionCache
 from .config import SpecKVConfig
 from .draft import check_draft_compatible, generate_lookahead
@@ -70,7 +71,7 @@ class SpecKVCache(PromptCompressionCache):
             )
         if lookahead_ids is not None and lookahead_ids.dim() != 2:
             raise ValueError(f"`lookahead_ids` must be (batch, n), got shape {tuple(lookahead_ids.shape)}.")
-        self.draft = draft
+        self.draft = None if draft is None else unwrap_adapters(draft, role="draft")
         self.fixed_lookahead = None
         if lookahead_ids is not None:
             valid = torch.ones_like(lookahead_ids, dtype=torch.bool) if lookahead_valid is None else lookahead_valid

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import scoring
+from .adapters import unwrap_adapters
 from .capture import SCORING_KWARG, scoring_attention
 from .config import SpecPCConfig
 from .draft import generate_lookahead
@@ -148,7 +149,7 @@ class SpecPCPreprocessor:
         self.config = config if config is not None else SpecPCConfig(**config_kwargs)
         if not isinstance(self.config, SpecPCConfig):
             raise TypeError(f"`config` must be a SpecPCConfig, got {type(self.config).__name__}.")
-        self.draft = draft
+        self.draft = draft = unwrap_adapters(draft, role="draft")
         self.tokenizer = tokenizer
         num_layers = getattr(draft.config.get_text_config(decoder=True), "num_hidden_layers", None)
         if num_layers is not None and self.config.starting_layer_index >= num_layers:

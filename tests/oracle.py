@@ -17,7 +17,7 @@ MASKS_KWARG = "oracle_masks"
 
 
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    allowed = kwargs[MASKS_KWARG][module.layer_idx]  # (B, H, Q, K) bool
+    allowed = kwargs[MASKS_KWARG][module.layer_idx].to(query.device)  # (B, H, Q, K) bool; layers may sit anywhere
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
@@ -52,6 +52,7 @@ def oracle_masks(model, sequence_valid, prompt_length, kept_positions):
         kept_positions: `{layer_idx: (B, H_kv, C) LongTensor}` for compressed full-attention layers.
     """
     config = model.config
+    sequence_valid = sequence_valid.cpu()
     batch, total = sequence_valid.shape
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     group = heads // kv_heads

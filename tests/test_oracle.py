@@ -17,7 +17,7 @@ def assert_matches_oracle(target, cache, ids, mask, out):
     prompt_length = ids.shape[1]
     sequences = out.sequences
     generated = sequences.shape[1] - prompt_length
-    valid = torch.cat([mask.bool(), torch.ones(ids.shape[0], generated, dtype=torch.bool)], dim=1)
+    valid = torch.cat([mask.bool(), torch.ones(ids.shape[0], generated, dtype=torch.bool, device=mask.device)], dim=1)
     kept = {}
     for layer_idx in range(len(cache.layers)):
         positions = cache.kept_positions(layer_idx)
@@ -25,8 +25,8 @@ def assert_matches_oracle(target, cache, ids, mask, out):
             kept[layer_idx] = positions
     assert kept, "nothing was compressed"
     expected = oracle_logits(target, sequences[:, :-1], valid[:, :-1], prompt_length, kept)
-    actual = torch.stack(out.logits, dim=1)  # (B, generated, V)
-    reference = expected[:, prompt_length - 1 :]
+    actual = torch.stack(out.logits, dim=1).cpu()  # (B, generated, V)
+    reference = expected[:, prompt_length - 1 :].cpu()
     assert actual.shape == reference.shape
     diff = (actual - reference).abs().max().item()
     assert diff <= TOLERANCE, f"max abs diff {diff}"
