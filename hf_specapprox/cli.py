@@ -70,14 +70,42 @@ def cmd_env(args) -> int:
     return 0
 
 
+def _parse_shard(value: str | None):
+    """`"i/n"` → `(i, n)`; `"auto"` → `(RANK, WORLD_SIZE)` as set by `torchrun` / `accelerate launch` (or None)."""
+    if value is None:
+        return None
+    if value == "auto":
+        if "WORLD_SIZE" not in os.environ:
+            return None
+        return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))), int(os.environ["WORLD_SIZE"])
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard takes INDEX/COUNT (e.g. 0/4) or auto, got {value!r}") from None
+    if not 0 <= index < count:
+        raise SystemExit(f"--shard {value}: INDEX must be in 0..COUNT-1")
+    return index, count
+
+
 def cmd_eval(args) -> int:
     from .eval import markdown_table, plot, run_eval, summarize
 
-    target, draft, tokenizer = _models(args)
+    shard = _parse_shard(args.shard)
     out = Path(args.out)
-    rows = run_eval(target, draft, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
-                    context_lengths=args.lengths, num_samples=args.samples, out_path=out / "results.jsonl",
-                    prompt_budgets=args.prompt_budgets, pc_budget=args.pc_budget, haystack=args.haystack, seed=args.seed)
+    if args.summarize_only:
+        from .eval.runner import read_merged_results
+
+        wanted = {(t, i, length) for length in args.lengths for t in args.tasks for i in range(args.samples)}
+        rows = [row for row in read_merged_results(out / "results.jsonl")
+                if (row["task"], row["index"], row["context_length"]) in wanted and row["method"] in args.methods]
+        if not rows:
+            raise SystemExit(f"No results in {out} for these tasks, methods, lengths and samples.")
+    else:
+        target, draft, tokenizer = _models(args)
+        rows = run_eval(target, draft, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
+                        context_lengths=args.lengths, num_samples=args.samples, out_path=out / "results.jsonl",
+                        prompt_budgets=args.prompt_budgets, pc_budget=args.pc_budget, haystack=args.haystack,
+                        seed=args.seed, shard=shard)
     summary = summarize(rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     with open(out / "summary.csv", "w", newline="") as handle:
@@ -180,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--haystack", choices=["noise", "essay"], default="noise")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="specapprox-eval")
+    evaluate.add_argument("--summarize-only", action="store_true",
+                          help="summarise what the result files of --out hold (all budgets), compute nothing")
+    evaluate.add_argument("--shard", help="INDEX/COUNT: this process's share of the samples (own results file, "
+                          "merged on read); `auto` takes RANK/WORLD_SIZE from torchrun or accelerate launch")
     evaluate.set_defaults(func=cmd_eval)
 
     bench = commands.add_parser("bench", help="seconds and peak memory per method, each in a fresh process")

@@ -123,3 +123,48 @@ def test_bench_refuses_unknown_methods_before_starting_anything():
 
     with pytest.raises(ValueError, match="choose from"):
         run_bench(["snapkv", "h2o"], tiny=True)
+
+
+def test_sharded_runs_split_the_samples_and_merge_to_the_unsharded_result(tmp_path):
+    target, draft = tiny_pair()
+    tokenizer = tiny_tokenizer()
+    grid = dict(tasks=["niah_single", "vt"], methods=["full", "snapkv"], budgets=[32], context_lengths=[300],
+                num_samples=2)
+    whole = run_eval(target, draft, tokenizer, out_path=tmp_path / "whole" / "results.jsonl", **grid)
+    out = tmp_path / "sharded" / "results.jsonl"
+    for index in range(3):
+        run_eval(target, draft, tokenizer, out_path=out, shard=(index, 3), **grid)
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert files == [f"results.shard-{i}-of-3.jsonl" for i in range(3)]
+    per_file = [{(r["task"], r["index"]) for r in read_results(out.parent / name)} for name in files]
+    assert sum(len(samples) for samples in per_file) == 4 and set.union(*per_file) == {
+        (t, i) for t in grid["tasks"] for i in range(2)}  # each sample in exactly one shard, methods together
+    merged = run_eval(target, draft, tokenizer, out_path=out, **grid)  # unsharded: nothing left to compute
+    assert not out.exists()
+    key = lambda r: (r["task"], r["index"], r["method"], r["budget"])  # noqa: E731
+    assert sorted((key(r), r["prediction"]) for r in merged) == sorted((key(r), r["prediction"]) for r in whole)
+    with pytest.raises(ValueError, match="0 <= index < count"):
+        run_eval(target, draft, tokenizer, out_path=out, shard=(3, 3), **grid)
+
+
+def test_cli_shards_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "hf_specapprox.cli",
+               "eval", "--tiny", "--tasks", "qa", "vt", "--methods", "full", "--lengths", "200", "--samples", "1",
+               "--shard", "auto", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("results*.jsonl")) == ["results.shard-0-of-2.jsonl",
+                                                                       "results.shard-1-of-2.jsonl"]
+    assert cli.main(["eval", "--tiny", "--tasks", "qa", "vt", "--methods", "full", "--lengths", "200",
+                     "--samples", "1", "--out", str(tmp_path)]) == 0  # merges, computes nothing
+    assert not (tmp_path / "results.jsonl").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())[0]["samples"] == 2
+    (tmp_path / "summary.json").unlink()
+    assert cli.main(["eval", "--summarize-only", "--tasks", "qa", "vt", "--methods", "full", "--lengths", "200",
+                     "--samples", "1", "--out", str(tmp_path)]) == 0  # no models loaded
+    assert json.loads((tmp_path / "summary.json").read_text())[0]["samples"] == 2
+    with pytest.raises(SystemExit, match="No results"):
+        cli.main(["eval", "--summarize-only", "--tasks", "cwe", "--out", str(tmp_path)])

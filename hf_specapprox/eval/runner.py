@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -32,33 +33,65 @@ def read_results(path) -> list[dict]:
     return rows
 
 
+def shard_path(out_path, shard: tuple[int, int] | None) -> Path:
+    """Where shard `(index, count)` of a run writes: `results.jsonl` → `results.shard-1-of-4.jsonl`."""
+    out_path = Path(out_path)
+    if shard is None:
+        return out_path
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ValueError(f"`shard` must be (index, count) with 0 <= index < count, got {shard!r}.")
+    return out_path.with_name(f"{out_path.stem}.shard-{index}-of-{count}{out_path.suffix}")
+
+
+def read_merged_results(out_path) -> list[dict]:
+    """The rows of `out_path` and of every shard file beside it, each (sample, method, budget) once."""
+    out_path = Path(out_path)
+    paths = [out_path, *sorted(out_path.parent.glob(f"{out_path.stem}.shard-*{out_path.suffix}"))]
+    merged = {}
+    for path in paths:
+        for row in read_results(path):
+            merged.setdefault(_key(row), row)
+    return list(merged.values())
+
+
 def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengths, num_samples, out_path,
-             prompt_budgets=None, pc_budget: int = 1024, haystack: str = "noise", seed: int = 0) -> list[dict]:
+             prompt_budgets=None, pc_budget: int = 1024, haystack: str = "noise", seed: int = 0,
+             shard: tuple[int, int] | None = None) -> list[dict]:
     """Runs every (sample, method, budget) not already in `out_path` and appends its row there.
 
     `budgets` are KV budgets (SpecKV, SnapKV, StreamingLLM, SpecKV-PC's second stage), `prompt_budgets` prompt
     budgets (SpecPC, SpecPrefill; default: `budgets`); `full` and `draft` run once per sample. A crash loses at most
     the answer being computed: rerun with the same arguments to continue.
 
+    With `shard=(index, count)` this process takes every `count`-th sample (a sample's methods stay together, so
+    their time ratios compare like with like) and writes to its own file beside `out_path` (see [`shard_path`]); run
+    one process per index, e.g. under `torchrun` or `accelerate launch`. Rows already in `out_path` or any shard file
+    are skipped, whichever layout wrote them.
+
     Returns:
-        All rows of `out_path` for the requested grid.
+        All rows of `out_path` and its shard files for the requested grid.
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
     out_path = Path(out_path)
+    write_path = shard_path(out_path, shard)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(row) for row in read_results(out_path)}
+    done = {_key(row) for row in read_merged_results(out_path)}
     grid = {"kv": list(budgets), "prompt": list(prompt_budgets or budgets), None: [None]}
     jobs = []
     for length in context_lengths:
-        for sample in make_samples(tasks, tokenizer, length, num_samples, haystack, seed):
+        samples = make_samples(tasks, tokenizer, length, num_samples, haystack, seed)
+        for number, sample in enumerate(samples):
+            if shard is not None and number % shard[1] != shard[0]:
+                continue
             for method in methods:
                 for budget in grid[METHODS[method]]:
                     key = (sample.task, sample.index, length, method, budget)
                     if key not in done:
                         jobs.append((length, sample, method, budget))
-    with open(out_path, "a") as handle:
+    with open(write_path, "a") if jobs else contextlib.nullcontext() as handle:
         for length, sample, method, budget in tqdm(jobs, desc="evaluating"):
             encoded = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)
             start = time.perf_counter()
@@ -74,7 +107,7 @@ def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengt
             handle.write(json.dumps(row) + "\n")
             handle.flush()
     wanted = {(t, i, length) for length in context_lengths for t in tasks for i in range(num_samples)}
-    return [row for row in read_results(out_path)
+    return [row for row in read_merged_results(out_path)
             if (row["task"], row["index"], row["context_length"]) in wanted and row["method"] in methods]
 
 
