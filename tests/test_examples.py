@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -49,3 +50,26 @@ def test_speckv_pc():
     out, compressed = load("speckv_pc").main([])
     assert compressed.stats["kept_tokens"] == [192]
     assert 192 < out.shape[1] <= 192 + 12
+
+
+def test_align_draft_lora(tmp_path):
+    pytest.importorskip("peft")
+    from hf_specapprox.testing import tiny_pair, tiny_tokenizer
+
+    module = load("align_draft_lora")
+    before, after, losses, student = module.main(
+        ["--train", "4", "--heldout", "2", "--steps", "80", "--lr", "2e-2", "--save", str(tmp_path / "adapter")])
+    assert sum(losses[-5:]) / 5 < losses[0]  # it learns the target's answers
+    assert after["train"]["teacher_forced"] > before["train"]["teacher_forced"]
+    for split in (before, after):
+        for value in (*split["train"].values(), *split["heldout"].values()):
+            assert 0.0 <= value <= 1.0
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    # The draft passed in is not modified: the adapter goes on a copy.
+    target, draft = tiny_pair()
+    snapshot = {name: value.clone() for name, value in draft.state_dict().items()}
+    tokenizer = tiny_tokenizer()
+    answers = module._target_answers(target, tokenizer, module._prompts(tokenizer, range(2), 200), 4)
+    module.train_lora(draft, answers, steps=2, lr=1e-2, rank=4)
+    assert draft.state_dict().keys() == snapshot.keys()
+    assert all(torch.equal(snapshot[name], value) for name, value in draft.state_dict().items())
