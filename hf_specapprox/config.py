@@ -111,8 +111,14 @@ class SpecKVConfig(AttentionSelectionConfig):
             Number of tokens the draft generates greedily (it stops earlier at EOS). The paper's code used the
             task's `max_new_tokens` (64 to 512); a cache cannot see `generate`'s `max_new_tokens`, so set this to
             the length of the answers you expect. `0` scores with the prompt window only.
-        kernel_size, pool_type, reduction_type, scoring_implementation:
-            As in [`AttentionSelectionConfig`]; the defaults (7, `"max"`, `"max"`) are the paper's.
+        kernel_size (`int`, *optional*, defaults to 7):
+            As in [`AttentionSelectionConfig`] (the paper's value).
+        pool_type (`str`, *optional*, defaults to `"max"`):
+            As in [`AttentionSelectionConfig`] (the paper's value).
+        reduction_type (`str`, *optional*, defaults to `"max"`):
+            As in [`AttentionSelectionConfig`] (the paper's value).
+        scoring_implementation (`str`, *optional*, defaults to `"auto"`):
+            As in [`AttentionSelectionConfig`].
     """
 
     lookahead_tokens: int = 64

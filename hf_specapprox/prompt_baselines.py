@@ -18,7 +18,8 @@ class SpecPrefillPreprocessor(SpecPCPreprocessor):
         draft (`PreTrainedModel`): the draft.
         max_capacity_prompt (`int`, *optional*, defaults to 1024): tokens kept.
         chunk_size (`int`, *optional*, defaults to 32): tokens per chunk.
-        num_sink_tokens, protected_token_ids: as in [`SpecPCConfig`].
+        tokenizer (*optional*): for [`SpecPCPreprocessor.compress_text`].
+        **protect: `num_sink_tokens`, `protected_token_ids`, as in [`SpecPCConfig`].
     """
 
     def __init__(self, draft, max_capacity_prompt: int = 1024, chunk_size: int = 32, tokenizer=None, **protect):

@@ -17,15 +17,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_pair(seed: int = 0):
+def tiny_pair(seed: int = 0, draft_layers: int = 2):
     """A `(target, draft)` pair sharing the 97-token vocabulary of [`tiny_tokenizer`]: a 2-layer Qwen2 target with
-    GQA and a 2-layer Llama draft."""
+    GQA and a Llama draft (2 layers; 10 or more let SpecPC's default voting layers, 8 on, exist)."""
     common = dict(vocab_size=VOCAB, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                   max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(seed)
     target = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, **common))
-    draft = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    draft = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=draft_layers,
                                          num_attention_heads=4, num_key_value_heads=2, **common))
     return target.eval(), draft.eval()
 

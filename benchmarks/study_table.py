@@ -1,0 +1,44 @@
+"""Prints the study's table (per method and budget: samples, score, per-task scores, mean seconds and the ratio to
+the full target over the same samples) from a results.jsonl written by `hf-specapprox eval`.
+
+    python benchmarks/study_table.py benchmarks/results/study-2k/results.jsonl
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+from hf_specapprox.eval import read_results
+
+NAMES = {"full": "full target", "draft": "draft alone", "speckv": "SpecKV", "snapkv": "SnapKV",
+         "streamingllm": "StreamingLLM", "specpc": "SpecPC", "specprefill": "SpecPrefill", "speckv_pc": "SpecKV-PC"}
+ORDER = list(NAMES)
+PC_BUDGET = 1024
+
+
+def main(path: str) -> None:
+    rows = read_results(path)
+    tasks = sorted({row["task"] for row in rows})
+    full_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == "full"}
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], row["budget"])].append(row)
+    print("| method | budget | samples | score | " + " | ".join(tasks) + " | seconds (mean) | vs full (same samples) |")
+    print("|---|---|---|---|" + "---|" * len(tasks) + "---|---|")
+    for (method, budget), items in sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1] or 0)):
+        per_task = {task: [r["score"] for r in items if r["task"] == task] for task in tasks}
+        paired = [(r["seconds"], full_seconds[(r["task"], r["index"])]) for r in items
+                  if (r["task"], r["index"]) in full_seconds]
+        ratio = sum(s for s, _ in paired) / sum(f for _, f in paired) if paired else float("nan")
+        unit = "" if budget is None else (" KV" if method in ("speckv", "snapkv", "streamingllm", "speckv_pc")
+                                          else " tokens")
+        if method == "speckv_pc":  # the first stage's prompt budget is the runner's --pc-budget (1,024 here)
+            unit = f" KV (after SpecPC to {PC_BUDGET:,})"
+        cells = " | ".join(f"{sum(v) / len(v):.0f} ({len(v)})" if v else "—" for v in per_task.values())
+        print(f"| {NAMES[method]} | {budget or '—'}{unit} | {len(items)} | {sum(r['score'] for r in items) / len(items):.1f}"
+              f" | {cells} | {sum(r['seconds'] for r in items) / len(items):.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
