@@ -43,6 +43,7 @@ def docs_namespace() -> dict:
                 inputs=tokenizer(prompts, return_tensors="pt", padding=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if any(code_blocks(p, "python", True))], ids=lambda p: p.name)
 def test_python_blocks_run(page, monkeypatch):
     for requirement in re.findall(r"<!-- docs-test: requires ([\w\s]+?) -->", page.read_text()):
@@ -57,6 +58,7 @@ def test_python_blocks_run(page, monkeypatch):
             raise AssertionError(f"{page.name}, python block {number} failed:\n{code}") from error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if any(code_blocks(p, "bash", False))], ids=lambda p: p.name)
 def test_bash_blocks_marked_run_do_run(page, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

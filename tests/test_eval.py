@@ -97,6 +97,7 @@ def test_cli_compress_and_demo(tmp_path, capsys):
     assert "| speckv_pc | 32 |" in out and "| full |" in out
 
 
+@pytest.mark.slow
 def test_bench_measures_each_method_in_its_own_process(tmp_path):
     from hf_specapprox.eval import bench_table, run_bench
 
@@ -125,6 +126,7 @@ def test_bench_refuses_unknown_methods_before_starting_anything():
         run_bench(["snapkv", "h2o"], tiny=True)
 
 
+@pytest.mark.slow
 def test_sharded_runs_split_the_samples_and_merge_to_the_unsharded_result(tmp_path):
     target, draft = tiny_pair()
     tokenizer = tiny_tokenizer()
@@ -147,6 +149,7 @@ def test_sharded_runs_split_the_samples_and_merge_to_the_unsharded_result(tmp_pa
         run_eval(target, draft, tokenizer, out_path=out, shard=(3, 3), **grid)
 
 
+@pytest.mark.slow
 def test_cli_shards_under_torchrun(tmp_path):
     import subprocess
     import sys

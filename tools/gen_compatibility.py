@@ -9,6 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _skip_slow(tox_ini: str) -> set[str]:
+    match = re.search(r"^\s*([\w,]+): HF_SPECAPPROX_SKIP_SLOW = 1$", tox_ini, re.M)
+    return set(match[1].split(",")) if match else set()
+
+
 def render(tox_ini: str) -> str:
     seams = dict(re.findall(r"^#\s+(\w+): (.+)$", tox_ini, re.M))
     parser = configparser.ConfigParser(interpolation=None)
@@ -21,8 +26,12 @@ def render(tox_ini: str) -> str:
         "",
         "<!-- Generated from tox.ini by tools/gen_compatibility.py; do not edit by hand. -->",
         "",
-        "Every environment below runs the whole test suite on CPU in CI (`tox`), Python 3.11, with "
+        "Every environment below runs the test suite on CPU in CI (`tox`), Python 3.11, with "
         + ", ".join(f"`{dep}`" for dep in common) + ".",
+        "",
+        "Tests marked `slow` (subprocesses, the docs' code blocks, multi-process runs) run only in "
+        + ", ".join(f"`{env}`" for env in envs if env not in _skip_slow(tox_ini))
+        + "; the others set `HF_SPECAPPROX_SKIP_SLOW=1`.",
         "",
         "| tox env | transformers | extra packages | why this version |",
         "|---|---|---|---|",
