@@ -1,5 +1,5 @@
 """kvpress's SnapKV press as an independent reference for our SnapKVCache's selection (where kvpress installs:
-it pins transformers < 5.3, so the tf53 tox environment carries it)."""
+it pins transformers < 5.3, so the tf457 tox environment carries it)."""
 
 from __future__ import annotations
 
