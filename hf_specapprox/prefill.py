@@ -9,7 +9,9 @@ For a prompt of `L` tokens (left-padded) and a budget `C < L`:
 3. the lookahead's and the last prompt token's K/V are never stored; the forward `generate` asked for then runs on
    the last prompt token alone, at its original position, against the compressed cache.
 
-Sliding-window layers store the first `L - 1` prompt tokens as `DynamicCache` would have.
+Sliding-window layers store the first `L - 1` prompt tokens as `DynamicCache` would have. When the first forward
+asks for the logits of its last `k > 1` tokens (assisted decoding: prompt + the assistant's candidates), the prompt is
+its first `L - k + 1` tokens and the rest run with the last prompt token, appended after the compressed prompt.
 """
 
 from __future__ import annotations
@@ -151,15 +153,19 @@ def _compressing_prefill(cache: PromptCompressionCache, model, args: tuple, kwar
             f"{type(cache).__name__} needs the prompt's `input_ids` (the draft reads them); it cannot compress a "
             "prompt given only as `inputs_embeds`. Pass `input_ids` to `generate`."
         )
-    batch, prompt_length = input_ids.shape
+    batch, input_length = input_ids.shape
+    # Assisted decoding's first forward is `prompt + candidates` and asks for the logits of the candidates too: only
+    # the prompt is compressed; the candidates are evaluated against it and appended (so a rejection can crop them).
+    appended = _appended_tokens(kwargs, input_length)
+    prompt_length = input_length - appended
     attention_mask = kwargs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.dim() != 2:
         raise ValueError(f"{type(cache).__name__} needs a 2-D padding mask, got a {attention_mask.dim()}-D mask.")
-    if attention_mask.shape[1] != prompt_length:
+    if attention_mask.shape[1] != input_length:
         raise ValueError(
-            f"The first forward into a fresh {type(cache).__name__} got {prompt_length} tokens but a mask of "
+            f"The first forward into a fresh {type(cache).__name__} got {input_length} tokens but a mask of "
             f"{attention_mask.shape[1]}: a compressing cache must receive the whole prompt in its first forward. "
             "Pass a fresh cache and the full `input_ids`."
         )
@@ -170,6 +176,8 @@ def _compressing_prefill(cache: PromptCompressionCache, model, args: tuple, kwar
         )
     cache._validate_model(model)
     cache.layers = build_layers(model.config)
+    full_mask = attention_mask
+    input_ids, attention_mask = input_ids[:, :prompt_length], attention_mask[:, :prompt_length]
     cache.prompt_length = prompt_length
     cache.prompt_mask = attention_mask.bool()
     if prompt_length <= cache.config.max_capacity_prompt:
@@ -200,9 +208,19 @@ def _compressing_prefill(cache: PromptCompressionCache, model, args: tuple, kwar
     finally:
         cache._prefill_state = None
 
-    # The forward generate asked for now computes only the last prompt token, at its original position.
-    kwargs["input_ids"] = input_ids[:, -1:]
-    kwargs["position_ids"] = position_ids[:, prompt_length - 1 : prompt_length]
+    # The forward generate asked for now computes only the last prompt token (and any appended candidates), at their
+    # original positions.
+    kwargs["input_ids"] = kwargs["input_ids"][:, prompt_length - 1 :]
+    kwargs["position_ids"] = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_length - 1 :]
     if kwargs.get("cache_position") is not None:
-        kwargs["cache_position"] = kwargs["cache_position"][-1:]
+        kwargs["cache_position"] = kwargs["cache_position"][prompt_length - 1 :]
     return args, kwargs
+
+
+def _appended_tokens(kwargs: dict[str, Any], input_length: int) -> int:
+    """How many trailing tokens of a first forward are not prompt: `logits_to_keep = k > 1` (as assisted decoding
+    asks for its candidates) means the last `k - 1` tokens are evaluated against the compressed prompt."""
+    logits_to_keep = kwargs.get("logits_to_keep")
+    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep > 1:
+        return min(logits_to_keep - 1, input_length - 1)
+    return 0

@@ -276,3 +276,35 @@ def test_batch_operations_carry_the_per_row_selection(models):
     cache.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.kept_positions, kept[[1, 0]]) and torch.equal(cache.prompt_mask, prompt_mask[[1, 0]])
     assert cache.get_seq_length() == 31
+
+
+@pytest.mark.parametrize("assistant_kind", ["unrelated", "target_weights"])
+def test_assisted_decoding_matches_plain_greedy_and_oracle(models, assistant_kind):
+    # Assisted decoding's first forward is prompt + the assistant's candidates: only the prompt may be compressed,
+    # and greedy assisted decoding must give exactly what plain greedy decoding gives with the same cache.
+    target, draft = models
+    if assistant_kind == "unrelated":  # rejects most candidates: every step crops the appended tokens
+        assistant = tiny_model("llama", seed=13, num_layers=1)
+    else:  # the target's weights with a full cache: accepts until the compressed target disagrees
+        assistant = tiny_model("qwen2", seed=11, num_heads=4, num_kv_heads=2)
+    ids, mask = random_batch(1, 30, [0], seed=10)
+    plain = target.generate(input_ids=ids, attention_mask=mask, past_key_values=make_cache(draft), max_new_tokens=8,
+                            do_sample=False, **GEN)
+    cache = make_cache(draft)
+    assisted = target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, assistant_model=assistant,
+                               max_new_tokens=8, do_sample=False, **GEN)  # 4.x refuses min_new_tokens here
+    assert cache.prompt_length == 30 and cache.is_compressed and assisted.sequences.shape[1] == 38
+    assert torch.equal(assisted.sequences, plain.sequences)
+    assert_matches_oracle(target, cache, ids, mask, assisted)
+
+
+def test_speculative_sampling_matches_oracle(models):
+    target, draft = models
+    ids, mask = random_batch(1, 30, [0], seed=11)
+    cache = make_cache(draft)
+    torch.manual_seed(0)
+    out = target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=True, top_k=0,
+                          assistant_model=tiny_model("qwen2", seed=11, num_heads=4, num_kv_heads=2),
+                          max_new_tokens=8, **GEN)
+    assert cache.prompt_length == 30
+    assert_matches_oracle(target, cache, ids, mask, out)
