@@ -1,12 +1,14 @@
-"""Prints the study's table (per method and budget: samples, score, per-task scores, mean seconds and the ratio to
-the full target over the same samples) from a results.jsonl written by `hf-specapprox eval`.
+"""Prints the study's table (per method and budget: samples, score, per-task scores, how many answers are the full
+target's answer word for word, mean seconds and the ratio to the full target over the same samples) from a
+results.jsonl written by `hf-specapprox eval`.
 
     python benchmarks/study_table.py benchmarks/results/study-2k/results.jsonl
+    python benchmarks/study_table.py benchmarks/results/study-2k/results.jsonl --from-index 4   # samples 4, 5, ...
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from collections import defaultdict
 
 from hf_specapprox.eval import read_results
@@ -17,15 +19,17 @@ ORDER = list(NAMES)
 PC_BUDGET = 1024
 
 
-def main(path: str) -> None:
-    rows = read_results(path)
+def main(path: str, from_index: int = 0) -> None:
+    rows = [row for row in read_results(path) if row["index"] >= from_index]
     tasks = sorted({row["task"] for row in rows})
     full_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == "full"}
+    full_answer = {(row["task"], row["index"]): row["prediction"].strip() for row in rows if row["method"] == "full"}
     groups = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["budget"])].append(row)
-    print("| method | budget | samples | score | " + " | ".join(tasks) + " | seconds (mean) | vs full (same samples) |")
-    print("|---|---|---|---|" + "---|" * len(tasks) + "---|---|")
+    print("| method | budget | samples | score | " + " | ".join(tasks) + " | = full's answer | seconds (mean) "
+          "| vs full (same samples) |")
+    print("|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|")
     for (method, budget), items in sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1] or 0)):
         per_task = {task: [r["score"] for r in items if r["task"] == task] for task in tasks}
         paired = [(r["seconds"], full_seconds[(r["task"], r["index"])]) for r in items
@@ -35,10 +39,16 @@ def main(path: str) -> None:
                                           else " tokens")
         if method == "speckv_pc":  # the first stage's prompt budget is the runner's --pc-budget (1,024 here)
             unit = f" KV (after SpecPC to {PC_BUDGET:,})"
+        same = sum(r["prediction"].strip() == full_answer[(r["task"], r["index"])] for r in items
+                   if (r["task"], r["index"]) in full_answer)
         cells = " | ".join(f"{sum(v) / len(v):.0f} ({len(v)})" if v else "—" for v in per_task.values())
         print(f"| {NAMES[method]} | {budget or '—'}{unit} | {len(items)} | {sum(r['score'] for r in items) / len(items):.1f}"
-              f" | {cells} | {sum(r['seconds'] for r in items) / len(items):.1f} | {ratio:.2f} |")
+              f" | {cells} | {same}/{len(paired)} | {sum(r['seconds'] for r in items) / len(items):.1f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="results.jsonl of `hf-specapprox eval`")
+    parser.add_argument("--from-index", type=int, default=0, help="only samples with this index or higher")
+    args = parser.parse_args()
+    main(args.results, args.from_index)
