@@ -16,10 +16,9 @@ from hf_specapprox.eval import read_results
 NAMES = {"full": "full target", "draft": "draft alone", "speckv": "SpecKV", "snapkv": "SnapKV",
          "streamingllm": "StreamingLLM", "specpc": "SpecPC", "specprefill": "SpecPrefill", "speckv_pc": "SpecKV-PC"}
 ORDER = list(NAMES)
-PC_BUDGET = 1024
 
 
-def main(path: str, from_index: int = 0) -> None:
+def main(path: str, from_index: int = 0, pc_budget: int = 1024) -> None:
     rows = [row for row in read_results(path) if row["index"] >= from_index]
     tasks = sorted({row["task"] for row in rows})
     full_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == "full"}
@@ -37,8 +36,8 @@ def main(path: str, from_index: int = 0) -> None:
         ratio = sum(s for s, _ in paired) / sum(f for _, f in paired) if paired else float("nan")
         unit = "" if budget is None else (" KV" if method in ("speckv", "snapkv", "streamingllm", "speckv_pc")
                                           else " tokens")
-        if method == "speckv_pc":  # the first stage's prompt budget is the runner's --pc-budget (1,024 here)
-            unit = f" KV (after SpecPC to {PC_BUDGET:,})"
+        if method == "speckv_pc":  # the first stage's prompt budget is the runner's --pc-budget
+            unit = f" KV (after SpecPC to {pc_budget:,})"
         same = sum(r["prediction"].strip() == full_answer[(r["task"], r["index"])] for r in items
                    if (r["task"], r["index"]) in full_answer)
         cells = " | ".join(f"{sum(v) / len(v):.0f} ({len(v)})" if v else "—" for v in per_task.values())
@@ -50,5 +49,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="results.jsonl of `hf-specapprox eval`")
     parser.add_argument("--from-index", type=int, default=0, help="only samples with this index or higher")
+    parser.add_argument("--pc-budget", type=int, default=1024, help="the --pc-budget the SpecKV-PC rows ran with")
     args = parser.parse_args()
-    main(args.results, args.from_index)
+    main(args.results, args.from_index, args.pc_budget)
