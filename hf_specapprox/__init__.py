@@ -3,7 +3,8 @@
 from .baselines import SnapKVCache, StreamingLLMCache
 from .binding import bind, is_bound, unbind
 from .cascade import SpecKVPC
-from .cache import CompressedKVLayer, PromptCompressionCache, UnboundCacheError
+from .cache import PromptCompressionCache, UnboundCacheError
+from .layers import CompressedKVLayer
 from .config import AttentionSelectionConfig, KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
 from .monitor import DraftAgreementMonitor
 from .pipeline import SpecApproxTextGenerationPipeline

@@ -1,45 +1,107 @@
-"""Binding a target model so that the compressing caches passed to its forward can see the prompt.
+"""Binding a target model so that the compressing caches given to its `generate` and `forward` see the prompt.
 
-`Cache.update` never sees token ids, queries or the model, and SpecKV needs all three. A bound model carries one
-forward pre-hook that does nothing unless a [`PromptCompressionCache`] is among the forward's arguments; then the
-cache runs its compressing prefill (draft lookahead, scoring forward) and the forward continues with the last prompt
-token. The hook holds no state: everything lives in the cache object of each call.
+`Cache.update` never sees token ids, queries or the model, and SpecKV needs all three. Until transformers calls a
+cache's `prepare_prefill` itself (docs/upstream.md), [`bind`] emulates that hook on one model instance:
+
+* its `generate` hands every call's full ids to the cache first: ids that do not continue what the cache consumed
+  make it forget the old prompt, and settings it cannot serve are refused before any work;
+* a forward pre-hook fills a fresh cache from the first forward's prompt (draft lookahead, scoring forward) and lets
+  that forward run on the last prompt token;
+* the attention layers report to the scoring wrapper of their own implementation for as long as the model is bound
+  (the wrapper is inert outside a compressing prefill), so concurrent calls share no per-call switch.
+
+All of it is per model instance, holds no state of its own (everything lives in each call's cache) and is removed by
+[`unbind`]. A model given any other cache, or none, behaves exactly as before.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from . import compat
 from .adapters import unwrap_adapters
+from .capture import install_scoring_attention, restore_attention
+
+_BINDING_ATTRIBUTE = "_hf_specapprox_binding"
 
 
-class _CompressionPrefillHook:
-    """Forward pre-hook (with kwargs) installed by [`bind`]."""
+class ModelBoundCache:
+    """What a cache implements to be driven by a bound model (the compressing caches derive from it)."""
 
-    def __call__(self, module, args, kwargs):
-        from .cache import PromptCompressionCache
+    def _prepare_generate(self, model, input_ids, model_kwargs: dict, generation_config) -> None:
+        """Called at the start of every `generate` call of a bound model, with the call's full ids."""
+        raise NotImplementedError
 
+    def _prepare_forward(self, model, args: tuple, kwargs: dict):
+        """Forward pre-hook body: the `(args, kwargs)` the forward runs with, or `None` to leave them."""
+        raise NotImplementedError
+
+
+def _prefill_hook(module, args, kwargs):
+    _, cache = compat.get_cache_from_kwargs(kwargs)
+    if not isinstance(cache, ModelBoundCache):
+        return None
+    return cache._prepare_forward(module, args, kwargs)
+
+
+class _BoundGenerate:
+    """The bound model's `generate`: shows the cache the call's ids, then runs the model's own `generate`."""
+
+    def __init__(self, model, original):
+        self.model = model
+        self.__wrapped__ = original
+
+    def __call__(self, *args, **kwargs):
         _, cache = compat.get_cache_from_kwargs(kwargs)
-        if not isinstance(cache, PromptCompressionCache):
-            return None
-        return cache._prepare_forward(module, args, kwargs)
+        if isinstance(cache, ModelBoundCache):
+            input_ids = kwargs.get("input_ids", kwargs.get("inputs"))
+            if input_ids is None and args and isinstance(args[0], torch.Tensor):
+                input_ids = args[0]
+            generation_config = kwargs.get("generation_config")
+            if generation_config is None and len(args) > 1:
+                generation_config = args[1]
+            configs = [config for config in (generation_config, getattr(self.model, "generation_config", None))
+                       if config is not None]
+            cache._prepare_generate(self.model, input_ids, kwargs, _FirstOf(configs))
+        return self.__wrapped__(*args, **kwargs)
 
 
-def _hook_ids(model: torch.nn.Module) -> list:
-    return [key for key, hook in model._forward_pre_hooks.items() if isinstance(hook, _CompressionPrefillHook)]
+class _FirstOf:
+    """Reads a generation setting from the first config that sets it (the call's, then the model's)."""
+
+    def __init__(self, configs: list):
+        self.configs = configs
+
+    def __getattr__(self, name: str) -> Any:
+        for config in self.configs:
+            value = getattr(config, name, None)
+            if value is not None:
+                return value
+        return None
+
+
+@dataclass
+class _Binding:
+    hook: Any  # torch.utils.hooks.RemovableHandle
+    attention: list  # what `restore_attention` needs
+    had_own_generate: bool
+    previous_generate: Any
 
 
 def is_bound(model: torch.nn.Module) -> bool:
     """Whether [`bind`] was called on `model` (and not undone by [`unbind`])."""
-    return bool(_hook_ids(unwrap_adapters(model)))
+    return isinstance(getattr(unwrap_adapters(model), _BINDING_ATTRIBUTE, None), _Binding)
 
 
 def bind(model: torch.nn.Module) -> torch.nn.Module:
-    """Lets `model` use hf_specapprox caches in `forward` and `generate`. Call it once per target model.
+    """Lets `model` use hf_specapprox caches in `generate` and `forward`. Call it once per target model.
 
-    The binding is idempotent and inert for every other cache: a bound model given a `DynamicCache` (or none) behaves
-    exactly as before. Undo it with [`unbind`].
+    The binding is idempotent and inert for every other cache: a bound model given a `DynamicCache` (or none) computes
+    exactly what it did before. It is per instance and leaves the model's class and transformers untouched; undo it
+    with [`unbind`].
 
     Args:
         model (`PreTrainedModel`): the target, e.g. an `AutoModelForCausalLM`. A `peft.PeftModel` with weight adapters
@@ -59,15 +121,30 @@ def bind(model: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`bind` expects a torch model, got {type(model).__name__}.")
     inner = unwrap_adapters(model, role="target")
-    if not is_bound(inner):
-        inner.register_forward_pre_hook(_CompressionPrefillHook(), with_kwargs=True)
+    if is_bound(inner):
+        return model
+    attention = install_scoring_attention(inner)
+    hook = inner.register_forward_pre_hook(_prefill_hook, with_kwargs=True)
+    had_own_generate = "generate" in vars(inner)
+    previous = vars(inner).get("generate")
+    if hasattr(inner, "generate"):
+        inner.generate = _BoundGenerate(inner, inner.generate)
+    setattr(inner, _BINDING_ATTRIBUTE, _Binding(hook, attention, had_own_generate, previous))
     return model
 
 
 def unbind(model: torch.nn.Module) -> torch.nn.Module:
     """Removes what [`bind`] added to `model`."""
     inner = unwrap_adapters(model)
-    for key in _hook_ids(inner):
-        del inner._forward_pre_hooks[key]
-        inner._forward_pre_hooks_with_kwargs.pop(key, None)
+    binding = getattr(inner, _BINDING_ATTRIBUTE, None)
+    if not isinstance(binding, _Binding):
+        return model
+    binding.hook.remove()
+    restore_attention(binding.attention)
+    if isinstance(vars(inner).get("generate"), _BoundGenerate):
+        if binding.had_own_generate:
+            inner.generate = binding.previous_generate
+        else:
+            del inner.generate
+    delattr(inner, _BINDING_ATTRIBUTE)
     return model

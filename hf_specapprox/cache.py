@@ -1,26 +1,24 @@
-"""The compressing cache: a transformers `Cache` whose full-attention layers keep a per-KV-head subset of the prompt.
+"""The compressing caches' common base: a transformers `Cache` that fills itself from a whole prompt.
 
-Layout of a full-attention layer after the compressing prefill of a prompt of `L` tokens (left-padded to `L`):
-
-* `max_capacity_prompt` rows chosen among the first `L - 1` prompt positions, per KV head, sorted by position;
-* then, appended by ordinary updates: the last prompt token (re-computed against the compressed rows, as the paper's
-  code does) and every generated token.
-
-The layer reports the number of tokens **seen** as its sequence length and `(rows + q, seen - rows)` as its mask
-sizes, the pattern of transformers' own `DynamicSlidingWindowLayer`. Keys keep the RoPE of their original positions.
-Sliding-window layers are the ones `DynamicCache(config=...)` builds and are never compressed.
+[`PromptCompressionCache.prepare_prefill`] is the explicit step (the shape of the upstream `Cache.prepare_prefill`
+hook): it fills the cache with the compressed first `L - 1` prompt positions, and stock `generate` then continues from
+it on any model, bound or not. A bound model (see [`bind`]) runs that step itself for every `generate` call whose ids
+do not continue what the cache consumed, so one cache object can serve many prompts (e.g. in a pipeline). The layer
+classes live in `layers.py`, the prefill in `prefill.py`.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache
 
-from . import compat, scoring
+from . import compat, prefill, scoring
+from .binding import ModelBoundCache, bind
 from .config import KVSelectionConfig
-
+from .layers import CompressedKVLayer
 
 class UnboundCacheError(RuntimeError):
     """Raised when a compressing cache reaches a model forward without having seen the prompt."""
@@ -29,133 +27,12 @@ class UnboundCacheError(RuntimeError):
 _UNBOUND_MESSAGE = (
     "{cls} was used by a model that is not bound to hf_specapprox, so it never saw the prompt ids. Bind the target "
     "once with `hf_specapprox.bind(model)` (or pass `model=` when you build the cache), then call "
-    "`model.generate(..., past_key_values=cache)` again with a fresh cache."
+    "`model.generate(...)` again with the cache, or fill it first with `cache.prepare_prefill(model, input_ids, "
+    "{{'attention_mask': attention_mask}})`."
 )
 
 
-class CompressedKVLayer(DynamicLayer):
-    """A full-attention cache layer whose prompt part may be a per-KV-head subset of the prompt positions.
-
-    Attributes:
-        seen_tokens (`int`): tokens this layer has seen (the logical length used for positions and masks).
-        kept_positions (`torch.LongTensor` of shape `(batch, num_kv_heads, kept)`, *optional*): the original
-            positions (in the left-padded prompt) of the compressed prompt rows; `None` when nothing was dropped.
-    """
-
-    is_sliding = False
-
-    def __init__(self):
-        super().__init__()
-        self.seen_tokens = 0
-        self.kept_positions: torch.Tensor | None = None
-        self.compressed_rows = 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.seen_tokens += key_states.shape[-2]
-        return super().update(key_states, value_states, *args, **kwargs)
-
-    def keep(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor, seen_tokens: int):
-        """Stores only `positions` (per batch row and KV head) of `key_states`/`value_states` as the layer's rows."""
-        positions = positions.to(key_states.device)
-        keys = key_states.gather(2, positions[..., None].expand(-1, -1, -1, key_states.shape[-1]))
-        values = value_states.gather(2, positions[..., None].expand(-1, -1, -1, value_states.shape[-1]))
-        self.reset()
-        super().update(keys.contiguous(), values.contiguous())
-        self.seen_tokens = seen_tokens
-        self.kept_positions = positions
-        self.compressed_rows = positions.shape[-1]
-
-    @property
-    def num_rows(self) -> int:
-        return 0 if self.keys is None or self.keys.dim() < 3 else self.keys.shape[-2]
-
-    def get_seq_length(self, *args, **kwargs) -> int:
-        return self.seen_tokens
-
-    def get_mask_sizes(self, query_length_or_cache_position, *args, **kwargs) -> tuple[int, int]:
-        query_length = compat.query_length_from_mask_arg(query_length_or_cache_position)
-        rows = self.num_rows
-        return rows + query_length, self.seen_tokens - rows
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def crop(self, max_length: int) -> None:
-        """Removes the most recent tokens; see `compat.tokens_to_remove_for_crop` for the argument's meaning."""
-        to_remove = compat.tokens_to_remove_for_crop(max_length, self.seen_tokens)
-        if to_remove == 0:
-            return
-        appended = self.num_rows - self.compressed_rows
-        if to_remove > appended:
-            raise ValueError(
-                f"Cannot crop {to_remove} tokens: only the {appended} tokens appended after the compressed prompt can be "
-                "removed, the dropped prompt positions cannot be restored. Start again from a fresh cache."
-            )
-        self.keys = self.keys[..., :-to_remove, :]
-        self.values = self.values[..., :-to_remove, :]
-        self.seen_tokens -= to_remove
-
-    def reset(self) -> None:
-        self.keys = None
-        self.values = None
-        self.is_initialized = False  # read by transformers >= 4.57 (4.56 tests `keys is None`)
-        self.seen_tokens = 0
-        self.kept_positions = None
-        self.compressed_rows = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.kept_positions is not None:
-            self.kept_positions = self.kept_positions.index_select(0, beam_idx.to(self.kept_positions.device))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.kept_positions is not None:
-            self.kept_positions = self.kept_positions.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.kept_positions is not None:
-            self.kept_positions = self.kept_positions[indices]
-
-
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-
-
-def build_layers(model_config) -> list:
-    """The layers `DynamicCache(config=...)` would build, with every full-attention layer made compressible."""
-    config = compat.text_config(model_config)
-    unsupported = sorted(set(getattr(config, "layer_types", None) or []) - set(SUPPORTED_LAYER_TYPES))
-    if unsupported:
-        raise ValueError(
-            f"This model has {unsupported} layers, which hf_specapprox cannot score or compress (only full-attention "
-            "and sliding-window attention layers are supported). Use a plain `DynamicCache` for this model."
-        )
-    template = DynamicCache(config=config)
-    layers = []
-    for index, layer in enumerate(template.layers):
-        if type(layer) is DynamicLayer:
-            layers.append(CompressedKVLayer())
-        elif type(layer) is DynamicSlidingWindowLayer:
-            layers.append(layer)
-        else:
-            raise ValueError(
-                f"Layer {index} of this model uses a `{type(layer).__name__}` cache, which hf_specapprox cannot score "
-                "or compress (only full-attention and sliding-window attention layers are supported). Use a model "
-                "with standard attention layers, or a plain `DynamicCache`."
-            )
-    if not any(isinstance(layer, CompressedKVLayer) for layer in layers):
-        raise ValueError(
-            "This model has no full-attention layer (every layer is sliding-window), so there is nothing to compress. "
-            "Use a plain `DynamicCache`."
-        )
-    return layers
-
-
-class PromptCompressionCache(Cache):
+class PromptCompressionCache(ModelBoundCache, Cache):
     """Base class of the caches that drop prompt KV pairs during the prefill of a bound model.
 
     Subclasses decide which tokens are appended as scoring queries (`_lookahead`), where the always-kept window
@@ -171,9 +48,8 @@ class PromptCompressionCache(Cache):
         self.lookahead_ids: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
         self._prefill_state = None
+        self._consumed: list[torch.Tensor] | None = []  # ids fed so far (padding as -1), in chunks; None: unknown
         if model is not None:
-            from .binding import bind
-
             bind(model)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -217,30 +93,180 @@ class PromptCompressionCache(Cache):
         # Sliding layers follow transformers' own rules (they refuse once past their window).
         for layer in self.layers:
             layer.crop(max_length)
+        consumed = self.consumed_ids
+        if consumed is not None:
+            self._consumed = [consumed[:, : self.get_seq_length()]]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.prompt_mask is not None:
-            self.prompt_mask = self.prompt_mask.index_select(0, beam_idx.to(self.prompt_mask.device))
+        self._map_rows(lambda rows: rows.index_select(0, beam_idx.to(rows.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.prompt_mask is not None:
-            self.prompt_mask = self.prompt_mask.repeat_interleave(repeats, dim=0)
+        self._map_rows(lambda rows: rows.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self._map_rows(lambda rows: rows[indices.to(rows.device)])
+
+    def _map_rows(self, function) -> None:
+        """Applies a batch-row operation to the per-row records kept beside the layers."""
         if self.prompt_mask is not None:
-            self.prompt_mask = self.prompt_mask[indices]
+            self.prompt_mask = function(self.prompt_mask)
+        consumed = self.consumed_ids
+        if consumed is not None:
+            self._consumed = [function(consumed)]
 
     def reset(self) -> None:
-        """Forgets everything: the next forward is treated as a new prompt."""
+        """Forgets the prompt and everything derived from it (layers, draft tokens, consumed ids); the configuration
+        and the draft stay. The next `generate` call or forward is a new prompt."""
         self.layers = []
         self.prompt_length = None
         self.prompt_mask = None
         self.lookahead_ids = None
         self.lookahead_valid = None
         self._prefill_state = None
+        self._consumed = []
+
+    def __deepcopy__(self, memo):
+        # transformers' prompt-reuse recipe deep-copies a filled cache: the copy gets its own tensors, but models the
+        # cache only refers to (the draft) are shared, not copied.
+        for model in self._shared_models():
+            memo[id(model)] = model
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            setattr(copied, name, copy.deepcopy(value, memo))
+        return copied
+
+    def _shared_models(self) -> list:
+        """Models the cache refers to and that `copy.deepcopy` must share, not copy."""
+        return []
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The prompt: the explicit prefill step, and what the cache has consumed
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def consumed_ids(self) -> torch.Tensor | None:
+        """The token ids the cache has consumed so far, `(batch, get_seq_length())`, with `-1` on padding; `None` when
+        unknown (e.g. a forward given only `inputs_embeds`)."""
+        if self._consumed is None:
+            return None
+        if not self._consumed:
+            return torch.empty(0, 0, dtype=torch.long)
+        if len(self._consumed) > 1:
+            self._consumed = [torch.cat(self._consumed, dim=1)]
+        return self._consumed[0]
+
+    def _record_consumed(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Appends what a forward feeds the cache; `attention_mask` may cover earlier positions too (its last
+        `input_ids.shape[1]` columns are the new tokens')."""
+        if input_ids is None or self._consumed is None:
+            self._consumed = None
+            return
+        ids = input_ids.detach()
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask[:, attention_mask.shape[1] - ids.shape[1] :].to(ids.device)
+            ids = ids.masked_fill(~mask.bool(), -1)
+        if self._consumed and self._consumed[0].shape[0] != ids.shape[0]:
+            self._consumed = None
+            return
+        self._consumed.append(ids)
+
+    def continues(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
+        """Whether `input_ids` (a whole sequence, as `generate` receives it) continue what this cache consumed: they
+        start with every consumed token (same padding) and add at least one. A cache filled for `r` times fewer rows
+        than it holds (beams, `num_return_sequences`) compares each row `r` times, as `generate` expands them.
+
+        This is `DynamicCache`'s rule made explicit; any other ids are a new prompt.
+        """
+        consumed = self.consumed_ids
+        if consumed is None or consumed.shape[1] == 0 or input_ids is None:
+            return False
+        if consumed.shape[1] != self.get_seq_length() or input_ids.shape[1] <= consumed.shape[1]:
+            return False
+        if consumed.shape[0] % input_ids.shape[0]:
+            return False
+        ids = input_ids[:, : consumed.shape[1]]
+        if attention_mask is not None:
+            ids = ids.masked_fill(~attention_mask[:, : consumed.shape[1]].bool().to(ids.device), -1)
+        repeats = consumed.shape[0] // input_ids.shape[0]
+        if repeats > 1:
+            ids = ids.repeat_interleave(repeats, dim=0)
+        return torch.equal(ids.to(consumed.device), consumed)
+
+    @torch.no_grad()
+    def prepare_prefill(self, model, input_ids: torch.Tensor, model_kwargs: dict | None = None,
+                        generation_config=None, *, expand_size: int = 1) -> None:
+        """Fills the cache from a whole prompt, so that `generate` continues from it (the upstream hook's shape).
+
+        Ids that continue what the cache consumed (see [`continues`]) leave it as it is. Any other ids are a new prompt:
+        the cache forgets the old one and holds, afterwards, the compressed first `L - 1` positions of the new one;
+        `generate(input_ids, ..., cache=this)` then computes the last prompt token against them, on any model (bound
+        or not) and on every supported transformers version. A prompt that fits the budget leaves the cache empty
+        (an ordinary prefill follows).
+
+        Args:
+            model (`PreTrainedModel`): the target.
+            input_ids (`torch.LongTensor` of shape `(batch, length)`): the whole prompt, left-padded.
+            model_kwargs (`dict`, *optional*): `generate`'s model kwargs; its `attention_mask` is used.
+            generation_config (`GenerationConfig`, *optional*): checked for what a compressing cache cannot serve
+                (`use_cache=False`, `prefill_chunk_size`).
+            expand_size (`int`, *optional*, defaults to 1): repeat every row this many times after filling, as
+                `generate` repeats the prompt for `num_beams` × `num_return_sequences` (it does not expand a cache it
+                is given). Leave it at 1 when the ids are already expanded.
+
+        Example:
+
+        ```python
+        >>> cache = SpecKVCache(draft=draft, max_capacity_prompt=256)
+        >>> cache.prepare_prefill(target, inputs["input_ids"], {"attention_mask": inputs["attention_mask"]})
+        >>> out = target.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+        ```
+        """
+        model_kwargs = model_kwargs or {}
+        attention_mask = model_kwargs.get("attention_mask")
+        if self.continues(input_ids, attention_mask):
+            return
+        prefill.refuse_unservable_generation(self, model_kwargs, generation_config)
+        if expand_size < 1:
+            raise ValueError(f"`expand_size` must be >= 1, got {expand_size}.")
+        self.reset()
+        attention_mask = prefill.check_prompt(self, input_ids, attention_mask)
+        prefill.fill_cache(self, model, input_ids, attention_mask)
+        if expand_size > 1:
+            self.batch_repeat_interleave(expand_size)
+
+    def _prepare_generate(self, model, input_ids, model_kwargs: dict, generation_config) -> None:
+        """Called by a bound model's `generate` before anything else: refuse what cannot be served, and forget the
+        old prompt when the ids do not continue it (the forward pre-hook then fills the fresh cache)."""
+        prefill.refuse_unservable_generation(self, model_kwargs, generation_config)
+        if input_ids is None:
+            if self.get_seq_length() > 0:
+                raise ValueError(
+                    f"This {type(self).__name__} holds a prompt, and this call gives no `input_ids` to compare it with. "
+                    "Pass `input_ids` (or call `cache.reset()` first)."
+                )
+            return
+        if not self.continues(input_ids, model_kwargs.get("attention_mask")):
+            self.reset()
+
+    def _check_continuation(self, input_ids, attention_mask) -> None:
+        """Refuses a forward that cannot continue the held sequence (wrong batch or mask length)."""
+        rows = self.prompt_mask.shape[0] if self.prompt_mask is not None else None
+        if input_ids is not None and rows is not None and input_ids.shape[0] != rows:
+            raise ValueError(
+                f"This {type(self).__name__} holds {rows} rows, the forward has {input_ids.shape[0]}. A forward on a "
+                "cache that holds tokens continues them; for a new prompt call `cache.reset()` or use a fresh cache."
+            )
+        if attention_mask is not None and attention_mask.dim() == 2 and input_ids is not None:
+            expected = self.get_seq_length() + input_ids.shape[1]
+            if attention_mask.shape[1] != expected:
+                raise ValueError(
+                    f"This {type(self).__name__} holds {self.get_seq_length()} tokens, so a forward of "
+                    f"{input_ids.shape[1]} more needs a mask of {expected}, got {attention_mask.shape[1]}. For a new "
+                    "prompt call `cache.reset()` or use a fresh cache."
+                )
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor | None:
         """Original positions (in the left-padded prompt) of the prompt rows layer `layer_idx` keeps, per batch row
@@ -298,6 +324,7 @@ class PromptCompressionCache(Cache):
     # The compressing prefill, run from the bound model's forward pre-hook (see binding.py)
     # ----------------------------------------------------------------------------------------------------------------
     def _prepare_forward(self, model, args: tuple, kwargs: dict[str, Any]):
-        from .prefill import prepare_forward
+        return prefill.prepare_forward(self, model, args, kwargs)
 
-        return prepare_forward(self, model, args, kwargs)
+    def _validate_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Raises if this cache cannot compress this prompt (checked before any work is done)."""

@@ -2,8 +2,9 @@
 
 The scoring forward runs with the model switched to a registered attention implementation that wraps the model's
 own one (`sdpa`, `eager`, flash, ...): it computes attention exactly as before, then passes the layer's queries and
-full keys/values to the prefill state, which scores and compresses that layer before the next one runs. The switch
-lasts for that one forward and is undone in a `finally` block, so an exception leaves the model as it was. Nothing
+full keys/values to the prefill state, which scores and compresses that layer before the next one runs. A bound
+model keeps the wrapper for as long as it is bound (it is inert without a prefill state); any other model is switched
+for one call and restored in a `finally` block, so an exception leaves the model as it was. Nothing
 of transformers is replaced: the wrappers are new entries in `AttentionInterface` / `AttentionMaskInterface`.
 """
 
@@ -18,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import compat
 
-#: Keyword argument that carries the prefill state from the backbone call down to the attention functions.
+#: Keyword argument that carries an [`AttentionObserver`] from the backbone call down to the attention functions.
 SCORING_KWARG = "hf_specapprox_prefill"
 
 _PREFIX = "hf_specapprox_scoring+"
@@ -37,13 +38,39 @@ def _original_attention(module, name: str | None):
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
+class AttentionObserver:
+    """What the scoring wrapper hands a layer's attention to when a forward carries one (as `SCORING_KWARG`).
+
+    The target's compressing prefill and SpecPC's draft votes are observers. The default [`attend`] computes the
+    layer's attention with the model's own implementation and then shows the observer the layer's post-RoPE queries
+    and its keys/values through [`score_layer`]; an observer may override [`attend`] to score first and compute the
+    attention itself (the sparse prefill does).
+    """
+
+    def attend(self, module, query, key, value, attention_mask, attention, **kwargs):
+        """Returns the layer's attention output (as `attention` would) and observes the layer.
+
+        Args:
+            module (`torch.nn.Module`): the attention module (it carries `layer_idx`).
+            query (`torch.Tensor` of shape `(batch, num_heads, q, head_dim)`), key and value (`torch.Tensor` of shape
+                `(batch, num_kv_heads, k, head_dim)`): post-RoPE, as the attention function receives them.
+            attention (`Callable`): the model's own attention function.
+        """
+        output = attention(module, query, key, value, attention_mask, **kwargs)
+        self.score_layer(module, query, key, value, kwargs.get("scaling"))
+        return output
+
+    def score_layer(self, module, query, key, value, scaling) -> None:
+        raise NotImplementedError
+
+
 def _make_wrapper(original_name: str | None):
     def attention_with_scoring(module, query, key, value, attention_mask, **kwargs):
-        prefill_state = kwargs.pop(SCORING_KWARG, None)
-        output = _original_attention(module, original_name)(module, query, key, value, attention_mask, **kwargs)
-        if prefill_state is not None:
-            prefill_state.score_layer(module, query, key, value, kwargs.get("scaling"))
-        return output
+        observer = kwargs.pop(SCORING_KWARG, None)
+        attention = _original_attention(module, original_name)
+        if observer is None:
+            return attention(module, query, key, value, attention_mask, **kwargs)
+        return observer.attend(module, query, key, value, attention_mask, attention, **kwargs)
 
     attention_with_scoring.__name__ = f"hf_specapprox_scoring_{original_name}"
     return attention_with_scoring
@@ -52,9 +79,9 @@ def _make_wrapper(original_name: str | None):
 def scoring_attention_name(original_name: str | None) -> str:
     """Name of the registered wrapper around `original_name` (registered on first use)."""
     name = f"{_PREFIX}{original_name or 'eager'}"
-    if name not in AttentionInterface._global_mapping:
+    if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_wrapper(original_name))
-    if name not in AttentionMaskInterface._global_mapping:
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
         mask_function = ALL_MASK_ATTENTION_FUNCTIONS[original_name or "eager"]
         AttentionMaskInterface.register(name, mask_function)
     return name
@@ -77,17 +104,55 @@ def _model_configs(model) -> list:
     return configs
 
 
-@contextmanager
-def scoring_attention(model):
-    """Within the block, every attention layer of `model` also reports its queries to the prefill state."""
+def _is_scoring_name(name: str | None) -> bool:
+    return name is not None and name.startswith(_PREFIX)
+
+
+def install_scoring_attention(model) -> list:
+    """Switches every attention layer of `model` to the scoring wrapper of its own implementation, until the returned
+    record is passed to [`restore_attention`].
+
+    The wrapper computes attention exactly as the original and does nothing else unless a forward carries a prefill
+    state (`SCORING_KWARG`), so a model can keep it for as long as it is bound: concurrent `generate` calls then share
+    no switch that one of them could undo under the other's feet.
+    """
     saved = [(config, compat.get_attn_implementation(config)) for config in _model_configs(model)]
     for config, original in saved:
-        if original is not None and original.startswith(_PREFIX):
-            raise RuntimeError("hf_specapprox's scoring attention is already active on this model (re-entrant call).")
-    try:
-        for config, original in saved:
+        if not _is_scoring_name(original):
             compat.set_attn_implementation_exact(config, scoring_attention_name(original))
+    return saved
+
+
+def restore_attention(saved: list) -> None:
+    """Undoes [`install_scoring_attention`]."""
+    for config, original in saved:
+        compat.set_attn_implementation_exact(config, original)
+
+
+def has_scoring_attention(model) -> bool:
+    """Whether every attention layer of `model` already reports to a prefill state (a bound target)."""
+    return all(_is_scoring_name(compat.get_attn_implementation(config)) for config in _model_configs(model))
+
+
+@contextmanager
+def scoring_attention(model):
+    """Within the block, every attention layer of `model` also reports its queries to the prefill state.
+
+    A bound model has the wrapper already (see [`install_scoring_attention`]) and is left untouched, so calls on
+    several threads do not interfere. Any other model is switched for the block only and restored in a `finally`
+    block; two such blocks on one model at once raise instead of undoing each other.
+    """
+    if has_scoring_attention(model):
+        yield
+        return
+    saved = [(config, compat.get_attn_implementation(config)) for config in _model_configs(model)]
+    if any(_is_scoring_name(original) for _, original in saved):
+        raise RuntimeError(
+            "hf_specapprox's scoring attention is already switched on for part of this model by another call that is "
+            "still running. Bind the model once (`hf_specapprox.bind(model)`) to run several calls at the same time."
+        )
+    try:
+        install_scoring_attention(model)
         yield
     finally:
-        for config, original in saved:
-            compat.set_attn_implementation_exact(config, original)
+        restore_attention(saved)

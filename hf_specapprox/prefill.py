@@ -1,4 +1,4 @@
-"""The compressing prefill: what a bound model's forward does when it receives a fresh compressing cache.
+"""The compressing prefill: how a compressing cache fills itself from a whole prompt.
 
 For a prompt of `L` tokens (left-padded) and a budget `C < L`:
 
@@ -6,27 +6,36 @@ For a prompt of `L` tokens (left-padded) and a budget `C < L`:
 2. the model's backbone runs once over `prompt + lookahead`; in every full-attention layer the queries of the voting
    rows score the candidate keys, and the layer keeps its `C - window` best candidates per KV head plus the window,
    right after computing its own attention (so at most one layer's full K/V exists at a time);
-3. the lookahead's and the last prompt token's K/V are never stored; the forward `generate` asked for then runs on
-   the last prompt token alone, at its original position, against the compressed cache.
+3. the lookahead's and the last prompt token's K/V are never stored: the cache then holds `L - 1` logical positions,
+   and the forward that follows (the one `generate` runs) computes the last prompt token at its original position
+   against the compressed cache.
 
-Sliding-window layers store the first `L - 1` prompt tokens as `DynamicCache` would have. When the first forward
-asks for the logits of its last `k > 1` tokens (assisted decoding: prompt + the assistant's candidates), the prompt is
-its first `L - k + 1` tokens and the rest run with the last prompt token, appended after the compressed prompt.
+Sliding-window layers store the first `L - 1` prompt tokens as `DynamicCache` would have.
+
+Two entry points share this: [`fill_cache`], the public step (`PromptCompressionCache.prepare_prefill`, the shape of
+the upstream `Cache.prepare_prefill` hook), and [`prepare_forward`], the body of a bound model's forward pre-hook, which
+fills a fresh cache from the first forward's prompt and lets that forward run on the last prompt token only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.utils import logging
 
 from . import compat
-from .cache import CompressedKVLayer, PromptCompressionCache, build_layers
-from .capture import SCORING_KWARG, scoring_attention
+from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
+from .layers import CompressedKVLayer, build_layers
 from .scoring import select_kept_positions
 
+if TYPE_CHECKING:
+    from .cache import PromptCompressionCache
 
-class PrefillState:
+logger = logging.get_logger(__name__)
+
+
+class PrefillState(AttentionObserver):
     """Per-forward state of one compressing prefill; reaches the attention functions through a forward kwarg."""
 
     def __init__(self, cache: PromptCompressionCache, prompt_length: int, token_valid: torch.Tensor):
@@ -49,13 +58,23 @@ class PrefillState:
             layer.update(key_states[..., :stop, :], value_states[..., :stop, :], *args, **kwargs)
         return key_states, value_states
 
-    def score_layer(self, module, query, key, value, scaling) -> None:
+    def _layer(self, module):
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None:
             raise ValueError(f"{type(module).__name__} has no `layer_idx`; hf_specapprox cannot tell its layers apart.")
         layer = self.cache.layers[layer_idx]
-        if not isinstance(layer, CompressedKVLayer):
+        return layer_idx, (layer if isinstance(layer, CompressedKVLayer) else None)
+
+    def score_layer(self, module, query, key, value, scaling) -> None:
+        layer_idx, layer = self._layer(module)
+        if layer is None:
             return
+        positions = self.kept_positions(query, key, scaling)
+        layer.keep(key, value, positions, seen_tokens=self.prompt_length - 1)
+        self.done.add(layer_idx)
+
+    def kept_positions(self, query, key, scaling) -> torch.Tensor:
+        """The prompt positions a layer keeps, `(batch, num_kv_heads, max_capacity_prompt)`, sorted."""
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         device = key.device
@@ -70,9 +89,7 @@ class PrefillState:
             num_candidates=self.window_start,
         )
         window = torch.arange(self.window_start, self.prompt_length - 1, device=device)
-        positions = select_kept_positions(scores, valid[:, : self.window_start], self.num_selected, window)
-        layer.keep(key, value, positions, seen_tokens=self.prompt_length - 1)
-        self.done.add(layer_idx)
+        return select_kept_positions(scores, valid[:, : self.window_start], self.num_selected, window)
 
     def check_complete(self) -> None:
         missing = sorted(self.pending - self.done)
@@ -84,105 +101,57 @@ class PrefillState:
             )
 
 
-def _normalise_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    kwargs = dict(kwargs)
-    if args:
-        if "input_ids" in kwargs:
-            raise TypeError("`input_ids` given both positionally and as a keyword.")
-        kwargs["input_ids"], args = args[0], tuple(args[1:])
-    return args, kwargs
-
-
-def _is_continuation(cache: PromptCompressionCache, kwargs: dict[str, Any]) -> bool:
-    """Whether this forward's inputs continue the sequence the cache holds (as far as the forward can tell).
-
-    `generate` slices the ids it feeds by the cache's length, so a forward never sees the ids that came before. What
-    it does see must agree with the cache: batch size, mask length, the original prompt's padding, and positions.
-    """
-    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-    position_ids = kwargs.get("position_ids")
-    seen = cache.get_seq_length()
-    stored = cache.prompt_mask
-    if input_ids is not None and stored is not None and input_ids.shape[0] != stored.shape[0]:
-        return False
-    if attention_mask is not None and attention_mask.dim() == 2 and input_ids is not None:
-        if attention_mask.shape[1] != seen + input_ids.shape[1]:
-            return False
-        if stored is not None:  # the padding of the original prompt must still be there
-            if not bool((attention_mask[:, : stored.shape[1]].to(stored.device).bool() == stored).all()):
-                return False
-    if position_ids is not None and position_ids.dim() == 2 and stored is not None:
-        real_tokens_seen = seen - (~stored).sum(-1)
-        if not bool((position_ids[:, 0].to(stored.device) == real_tokens_seen).all()):
-            return False
-    return True
-
-
-def _holds_whole_prompt(kwargs: dict[str, Any]) -> bool:
-    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-    position_ids = kwargs.get("position_ids")
-    if input_ids is None:
-        return False
-    if attention_mask is not None:
-        return attention_mask.dim() == 2 and attention_mask.shape[-1] == input_ids.shape[1]
-    return position_ids is not None and bool((position_ids[..., 0] == 0).all())
-
-
-def prepare_forward(cache: PromptCompressionCache, model, args: tuple, kwargs: dict[str, Any]):
-    """Forward pre-hook body: returns the `(args, kwargs)` the forward must run with, or `None` to leave them."""
-    if cache._prefill_state is not None:  # the scoring forward itself passes through a bound backbone
-        return None
-    args, kwargs = _normalise_inputs(args, kwargs)
-    if cache.layers and cache.get_seq_length() > 0:
-        if _is_continuation(cache, kwargs):
-            return None
-        if not _holds_whole_prompt(kwargs):
-            raise ValueError(
-                f"This {type(cache).__name__} already holds {cache.get_seq_length()} tokens of another prompt, and the "
-                "new input is not their continuation. Pass a fresh cache for every new prompt (or call "
-                "`cache.reset()`); `SpecKVTextGenerationPipeline` does this for you."
-            )
-        cache.reset()  # the whole new prompt is here: start over, as a fresh cache would
-    return _compressing_prefill(cache, model, args, kwargs)
-
-
-def _compressing_prefill(cache: PromptCompressionCache, model, args: tuple, kwargs: dict[str, Any]):
-    input_ids = kwargs.get("input_ids")
+def check_prompt(cache: PromptCompressionCache, input_ids, attention_mask) -> torch.Tensor:
+    """Validates a prompt batch for a compressing prefill and returns its 2-D padding mask (all ones if `None`)."""
+    name = type(cache).__name__
     if input_ids is None:
         raise ValueError(
-            f"{type(cache).__name__} needs the prompt's `input_ids` (the draft reads them); it cannot compress a "
-            "prompt given only as `inputs_embeds`. Pass `input_ids` to `generate`."
+            f"{name} needs the prompt's `input_ids` (the draft reads them, and the cache compares them with what it "
+            "holds); it cannot take a prompt given only as `inputs_embeds`. Pass `input_ids` to `generate`."
         )
-    batch, input_length = input_ids.shape
-    # Assisted decoding's first forward is `prompt + candidates` and asks for the logits of the candidates too: only
-    # the prompt is compressed; the candidates are evaluated against it and appended (so a rejection can crop them).
-    appended = _appended_tokens(kwargs, input_length)
-    prompt_length = input_length - appended
-    attention_mask = kwargs.get("attention_mask")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"{name} needs a non-empty `(batch, length)` prompt, got shape {tuple(input_ids.shape)}.")
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif attention_mask.dim() != 2:
-        raise ValueError(f"{type(cache).__name__} needs a 2-D padding mask, got a {attention_mask.dim()}-D mask.")
-    if attention_mask.shape[1] != input_length:
+        return torch.ones_like(input_ids)
+    if attention_mask.dim() != 2:
+        raise ValueError(f"{name} needs a 2-D padding mask, got a {attention_mask.dim()}-D mask.")
+    if attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"The first forward into a fresh {type(cache).__name__} got {input_length} tokens but a mask of "
-            f"{attention_mask.shape[1]}: a compressing cache must receive the whole prompt in its first forward. "
-            "Pass a fresh cache and the full `input_ids`."
+            f"{name} got {input_ids.shape[1]} prompt tokens but a mask of {attention_mask.shape[1]}: it must receive "
+            "the whole prompt with its mask at once."
         )
+    real = attention_mask.bool().sum(-1)
+    if not bool(real.all()):
+        rows = torch.nonzero(real == 0).flatten().tolist()
+        raise ValueError(f"Prompt rows {rows} are all padding; give every row at least one token.")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError(
             "The prompt batch is right-padded. Compressing caches need left padding: set "
             "`tokenizer.padding_side = 'left'` before tokenizing."
         )
+    return attention_mask
+
+
+def fill_cache(cache: PromptCompressionCache, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Fills a reset `cache` with the first `L - 1` positions of the prompt (compressed when `L > C`).
+
+    Returns whether the prompt was compressed. When it fits the budget, the cache stays empty (with its layers
+    built): the following forward is then an ordinary prefill of the whole prompt.
+    """
+    cache.config.validate()  # a config edited after construction is checked here, before any work
     cache._validate_model(model)
+    cache._validate_prompt(input_ids, attention_mask)
     cache.layers = build_layers(model.config)
-    full_mask = attention_mask
-    input_ids, attention_mask = input_ids[:, :prompt_length], attention_mask[:, :prompt_length]
+    prompt_length = input_ids.shape[1]
     cache.prompt_length = prompt_length
     cache.prompt_mask = attention_mask.bool()
     if prompt_length <= cache.config.max_capacity_prompt:
-        return args, kwargs  # nothing to drop: an ordinary prefill
-
+        logger.warning_once(
+            f"{type(cache).__name__}: the prompt ({prompt_length} tokens) fits the budget "
+            f"(max_capacity_prompt={cache.config.max_capacity_prompt}), so nothing is compressed: this is an "
+            "ordinary prefill. Lower `max_capacity_prompt` to compress prompts of this length."
+        )
+        return False
     try:
         lookahead_ids, lookahead_valid = cache._lookahead(model, input_ids, attention_mask)
         lookahead_ids = lookahead_ids.to(input_ids.device)
@@ -207,11 +176,83 @@ def _compressing_prefill(cache: PromptCompressionCache, model, args: tuple, kwar
         raise
     finally:
         cache._prefill_state = None
+    cache._record_consumed(input_ids[:, :-1], attention_mask[:, :-1])
+    return True
 
+
+def _normalise_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    kwargs = dict(kwargs)
+    if args:
+        if "input_ids" in kwargs:
+            raise TypeError("`input_ids` given both positionally and as a keyword.")
+        kwargs["input_ids"], args = args[0], tuple(args[1:])
+    return args, kwargs
+
+
+def refuse_unservable_generation(cache, model_kwargs: dict, generation_config) -> None:
+    """Raises, before any work, for generation settings a compressing cache cannot serve exactly."""
+    name = type(cache).__name__
+    configs = [model_kwargs, generation_config]
+    if any(_setting(source, "use_cache") is False for source in configs):
+        raise ValueError(
+            f"`use_cache=False` with a {name}: without a cache every step would re-run the compressing prefill, which "
+            "is neither SpecKV nor plain decoding. Leave `use_cache` on (the default)."
+        )
+    chunk = next((value for value in (_setting(source, "prefill_chunk_size") for source in configs) if value), None)
+    if chunk:
+        raise ValueError(
+            f"`prefill_chunk_size={chunk}` with a {name}: compressing a prompt chunk by chunk is not the paper's "
+            "method (each chunk would be scored without the rest of the prompt). Leave `prefill_chunk_size` unset; "
+            "the compressing prefill keeps at most one layer's full keys and values at a time."
+        )
+
+
+def _setting(source, name: str):
+    if source is None:
+        return None
+    if isinstance(source, dict):
+        return source.get(name)
+    return getattr(source, name, None)
+
+
+def prepare_forward(cache: PromptCompressionCache, model, args: tuple, kwargs: dict[str, Any]):
+    """Forward pre-hook body: returns the `(args, kwargs)` the forward must run with, or `None` to leave them.
+
+    A cache that holds tokens is continued, as transformers continues any cache it is given (a bound model's
+    `generate` resets the cache first when its ids do not continue what the cache consumed). A fresh cache takes the
+    forward's ids as the whole prompt.
+    """
+    if cache._prefill_state is not None:  # the scoring forward itself passes through a bound backbone
+        return None
+    args, kwargs = _normalise_inputs(args, kwargs)
+    refuse_unservable_generation(cache, kwargs, None)
+    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    if cache.layers and cache.get_seq_length() > 0:
+        cache._check_continuation(input_ids, attention_mask)
+        cache._record_consumed(input_ids, attention_mask)
+        return args, kwargs
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(flag):
+            raise ValueError(
+                f"`{flag}=True` with a {type(cache).__name__}: the compressing prefill does not return the prompt's "
+                f"{flag[7:].replace('_', ' ')} (its forward computes only the last prompt token against the compressed "
+                "cache). Run the prompt through the model with a `DynamicCache` to inspect them."
+            )
+    cache.reset()
+    # Assisted decoding's first forward is `prompt + candidates` and asks for the logits of the candidates too: only
+    # the prompt is compressed; the candidates are evaluated against it and appended (so a rejection can crop them).
+    attention_mask = check_prompt(cache, input_ids, attention_mask)
+    input_length = input_ids.shape[1]
+    prompt_length = input_length - _appended_tokens(kwargs, input_length)
+    compressed = fill_cache(cache, model, input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
+    if not compressed:
+        cache._record_consumed(input_ids, attention_mask)
+        return args, kwargs
     # The forward generate asked for now computes only the last prompt token (and any appended candidates), at their
     # original positions.
-    kwargs["input_ids"] = kwargs["input_ids"][:, prompt_length - 1 :]
-    kwargs["position_ids"] = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_length - 1 :]
+    cache._record_consumed(input_ids[:, prompt_length - 1 :], attention_mask[:, prompt_length - 1 :])
+    kwargs["input_ids"] = input_ids[:, prompt_length - 1 :]
+    kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_length - 1 :]
     if kwargs.get("cache_position") is not None:
         kwargs["cache_position"] = kwargs["cache_position"][prompt_length - 1 :]
     return args, kwargs

@@ -73,24 +73,52 @@ class SpecKVCache(PromptCompressionCache):
             raise ValueError(f"`lookahead_ids` must be (batch, n), got shape {tuple(lookahead_ids.shape)}.")
         self.draft = None if draft is None else unwrap_adapters(draft, role="draft")
         self.fixed_lookahead = None
+        self._fixed_lookahead_prompt = None  # the prompt the fixed lookahead belongs to (the first one prefilled)
         if lookahead_ids is not None:
             valid = torch.ones_like(lookahead_ids, dtype=torch.bool) if lookahead_valid is None else lookahead_valid
             self.fixed_lookahead = (lookahead_ids, valid.bool())
         super().__init__(config, model=model)
 
+    def _shared_models(self) -> list:
+        return [] if self.draft is None else [self.draft]
+
     def _validate_model(self, model) -> None:
         if self.draft is not None:
             check_draft_compatible(self.draft, model)
 
-    def _lookahead(self, model, input_ids, attention_mask):
+    def _uses_fixed_lookahead(self, input_ids, attention_mask) -> bool:
+        """Fixed `lookahead_ids` belong to one prompt: the first one this cache compresses. Another prompt uses the
+        draft, or is refused when there is none."""
         if self.fixed_lookahead is None:
+            return False
+        prompt = input_ids.masked_fill(~attention_mask.bool(), -1)
+        if self._fixed_lookahead_prompt is None:
+            self._fixed_lookahead_prompt = prompt
+            return True
+        same = prompt.shape == self._fixed_lookahead_prompt.shape and torch.equal(
+            prompt, self._fixed_lookahead_prompt.to(prompt.device)
+        )
+        if not same and self.draft is None:
+            raise ValueError(
+                "This SpecKVCache was given fixed `lookahead_ids` for one prompt and has no draft, so it cannot "
+                "compress another prompt (the draft tokens would belong to the wrong prompt). Build a new cache for "
+                "each prompt (`SpecKVPC` does), or give the cache a `draft=` to preview new prompts with."
+            )
+        return same
+
+    def _validate_prompt(self, input_ids, attention_mask) -> None:
+        if self._uses_fixed_lookahead(input_ids, attention_mask):
+            ids, _ = self.fixed_lookahead
+            if input_ids.shape[0] % ids.shape[0]:
+                raise ValueError(
+                    f"`lookahead_ids` has {ids.shape[0]} rows but the prompt batch has {input_ids.shape[0]}; give one "
+                    "row per prompt."
+                )
+
+    def _lookahead(self, model, input_ids, attention_mask):
+        if self.fixed_lookahead is None or not self._uses_fixed_lookahead(input_ids, attention_mask):
             return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens)
         ids, valid = self.fixed_lookahead
-        if input_ids.shape[0] % ids.shape[0]:
-            raise ValueError(
-                f"`lookahead_ids` has {ids.shape[0]} rows but the prompt batch has {input_ids.shape[0]}; give one "
-                "row per prompt."
-            )
         repeats = input_ids.shape[0] // ids.shape[0]
         return ids.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0)
 

@@ -9,7 +9,7 @@ import torch
 
 from . import scoring
 from .adapters import unwrap_adapters
-from .capture import SCORING_KWARG, scoring_attention
+from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
 from .config import SpecPCConfig
 from .draft import generate_lookahead
 from .scoring.select import specpc_keep_mask
@@ -64,7 +64,7 @@ class SpecPCOutput:
         return self.kept_lengths.float() / self.original_lengths.clamp(min=1).float()
 
 
-class _DraftVotes:
+class _DraftVotes(AttentionObserver):
     """Collects the draft's window attention per forward; reaches the attention wrappers as the scoring kwarg."""
 
     def __init__(self, config: SpecPCConfig, attention_mask: torch.Tensor):

@@ -100,7 +100,7 @@ def test_linear_attention_model_is_refused(pair):
         shared_expert_intermediate_size=16,
     )
     with pytest.raises(ValueError, match="linear_attention"):
-        hs.cache.build_layers(config)
+        hs.layers.build_layers(config)
 
 
 def test_all_sliding_model_is_refused(pair):
