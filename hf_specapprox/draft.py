@@ -23,7 +23,7 @@ def _module_rows(module, count_attribute: str) -> int | None:
     if isinstance(count, int):
         return count
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.is_meta:
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         return weight.shape[0]
     return None
 

@@ -136,12 +136,10 @@ class DraftAgreementMonitor(LogitsProcessor):
                 f"The sequences have {sequences.shape[1]} columns, fewer than the prompt's {prompt_length}: pass the "
                 "sequences of the `generate` call the monitor watched."
             )
-        rows = draft_rows_for_sequences(tokens, valid, sequences.shape[0])
         device = sequences.device
-        return compare_with_draft(
-            sequences[:, prompt_length:], tokens.to(device)[rows.to(device)], valid.to(device).bool()[rows.to(device)],
-            eos_token_id=self.eos_token_id,
-        )
+        rows = draft_rows_for_sequences(tokens, valid, sequences.shape[0]).to(device)
+        tokens, valid = tokens.to(device)[rows], valid.to(device).bool()[rows]
+        return compare_with_draft(sequences[:, prompt_length:], tokens, valid, eos_token_id=self.eos_token_id)
 
 
 def _as_id_list(eos_token_id) -> list[int]:

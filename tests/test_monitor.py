@@ -241,3 +241,17 @@ def test_comparison_equals_hand_count(data, prompts, num_beams, returned, prompt
                                          [valid_per_prompt[r] for r in rows], eos)
     torch.testing.assert_close(monitor.agreement(out), agreement, equal_nan=True)
     assert monitor.matched_prefix(out).tolist() == prefix
+
+
+def test_generate_dicts_and_an_explicit_prompt_length(models):
+    target, _, _ = models
+    ids, mask = random_batch(1, 12, [0], seed=11)
+    monitor = hs.DraftAgreementMonitor(torch.tensor([[7, 8, 9, 10]]))
+    out = generate(target, ids, mask, logits_processor=[monitor], return_dict_in_generate=True)
+    expected, prefix = expected_numbers(out.sequences.tolist(), 12, [[7, 8, 9, 10]], [[True] * 4])
+    torch.testing.assert_close(monitor.agreement(out), expected, equal_nan=True)
+    assert monitor.matched_prefix(out).tolist() == prefix
+    shifted, _ = expected_numbers(out.sequences.tolist(), 10, [[7, 8, 9, 10]], [[True] * 4])
+    torch.testing.assert_close(monitor.agreement(out.sequences, prompt_length=10), shifted, equal_nan=True)
+    with pytest.raises(ValueError, match="fewer than the prompt's"):
+        monitor.agreement(out.sequences[:, :5])
