@@ -230,3 +230,21 @@ def test_controls_and_specpc_construction(draft):
         hs.RandomPreprocessor(max_capacity_prompt=4, window_size=2)(ids, torch.zeros_like(mask))
     with pytest.raises(TypeError, match="SpecPCConfig"):
         hs.SpecPCPreprocessor(draft, config={"max_capacity_prompt": 4})
+
+
+@settings(max_examples=80, deadline=None)
+@given(masks=st.lists(st.lists(st.integers(0, 1), min_size=4, max_size=4), min_size=1, max_size=3))
+def test_a_mask_is_accepted_exactly_when_every_row_is_left_padded_and_not_empty(masks):
+    """Accepted iff every row is zeros then ones, with at least one one; the refusal names the mistake."""
+    mask = torch.tensor(masks)
+    ids = torch.arange(3, 3 + mask.numel()).reshape(mask.shape) * mask
+    rows_ok = [row.count(1) > 0 and row == sorted(row) for row in masks]
+    recency = hs.RecencyPreprocessor(max_capacity_prompt=2)
+    if all(rows_ok):
+        assert recency(ids, mask).kept_lengths.tolist() == [min(2, row.count(1)) for row in masks]
+    elif any(row.count(1) == 0 for row in masks):
+        with pytest.raises(ValueError, match="all padding"):
+            recency(ids, mask)
+    else:
+        with pytest.raises(ValueError, match="right-padded|padding between tokens"):
+            recency(ids, mask)
