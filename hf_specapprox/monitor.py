@@ -18,6 +18,9 @@ class DraftAgreementMonitor(LogitsProcessor):
     exact whatever `generate` did in between: greedy or sampling, beam search (beams are reordered between steps),
     `num_return_sequences`, assisted decoding (whose assistant also calls the processors) and streamers.
 
+    The answers start where the prompt the draft tokens continue ends: the cache's prompt (`cache.prompt_length`) for a
+    cache, the shortest input `generate` called the monitor with for a tensor (pass `prompt_length=` to `agreement`
+    when neither is right, e.g. with an assistant of another tokenizer, whose inputs may be shorter).
     Answer token `t` (position `prompt_length + t` of a returned sequence) is compared with draft token `t` while the
     draft has one (up to and including its EOS) and, if `eos_token_id` is given, while the answer has not ended (up to
     and including its first EOS; the padding `generate` puts after it is not compared). Draft rows serve the
