@@ -12,28 +12,129 @@ from . import compat
 _MAX_EMBEDDING_PADDING = 1024
 
 
-def _vocab_size(model) -> int | None:
+def _config_vocab_size(model) -> int | None:
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "vocab_size", None)
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _module_rows(module, count_attribute: str) -> int | None:
+    count = getattr(module, count_attribute, None)
+    if isinstance(count, int):
+        return count
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    return None
+
+
+def embeddable_ids(model) -> int | None:
+    """Number of token ids `model` can read: the rows of its input embedding (its config's `vocab_size` if the
+    embedding does not say), or `None` if unknown. Ids `0 .. embeddable_ids(model) - 1` are valid inputs."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    rows = _module_rows(embedding, "num_embeddings") if embedding is not None else None
+    return rows if rows is not None else _config_vocab_size(model)
+
+
+def emittable_ids(model) -> int | None:
+    """Number of token ids `model` can emit: the outputs of its language-model head (its config's `vocab_size` if
+    the head does not say), or `None` if unknown. Greedy decoding emits ids `0 .. emittable_ids(model) - 1`."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    rows = _module_rows(head, "out_features") if head is not None else None
+    return rows if rows is not None else _config_vocab_size(model)
 
 
 def check_draft_compatible(draft, target) -> None:
-    """Raises `ValueError` if `draft`'s token ids cannot be fed to `target`.
+    """Raises before any work if `draft`'s token ids cannot be exchanged with `target`'s.
 
-    SpecKV feeds the draft's token ids straight into the target, so both must share one tokenizer. Models do not
-    carry their tokenizer, so this checks what can be checked: the draft must not emit ids the target cannot embed,
-    and the two vocabularies may differ only by embedding padding.
+    SpecKV feeds the draft's tokens straight into the target, so both must share one tokenizer. Models do not carry
+    their tokenizer, so this checks the two directions that can be checked up front:
+
+    * every id the draft can emit (its head's outputs) must be an id the target can embed — a draft with a larger
+      vocabulary than the target is refused;
+    * the two vocabularies may differ only by embedding padding (at most 1,024 rows): a much smaller draft vocabulary
+      means another tokenizer.
+
+    The prompt's ids must also be ids the draft can embed; that depends on the prompt and is checked, before the draft
+    runs, by [`check_prompt_ids`].
     """
     if not hasattr(draft, "generate"):
         raise TypeError(f"`draft` must be a generative model (with `generate`), got {type(draft).__name__}.")
-    draft_vocab, target_vocab = _vocab_size(draft), _vocab_size(target)
-    if draft_vocab is None or target_vocab is None:
-        return
-    if draft_vocab > target_vocab or target_vocab - draft_vocab > _MAX_EMBEDDING_PADDING:
+    draft_emits, draft_embeds, target_embeds = emittable_ids(draft), embeddable_ids(draft), embeddable_ids(target)
+    if draft_emits is not None and target_embeds is not None and draft_emits > target_embeds:
         raise ValueError(
-            f"The draft's vocabulary ({draft_vocab} ids) does not match the target's ({target_vocab} ids). SpecKV feeds "
-            "the draft's tokens to the target, so both must use the same tokenizer: pick a draft from the target's "
-            "model family (e.g. Qwen2.5-0.5B-Instruct for a Qwen2.5 target)."
+            f"The draft's vocabulary ({draft_emits} ids) is larger than the target's ({target_embeds} ids): the draft "
+            "may write ids the target cannot read. SpecKV feeds the draft's tokens to the target, so both must use the "
+            "same tokenizer: pick a draft from the target's model family (e.g. Qwen2.5-0.5B-Instruct for a Qwen2.5 "
+            "target)."
+        )
+    if draft_embeds is not None and target_embeds is not None and target_embeds - draft_embeds > _MAX_EMBEDDING_PADDING:
+        raise ValueError(
+            f"The draft's vocabulary ({draft_embeds} ids) is much smaller than the target's ({target_embeds} ids), "
+            "so the two do not share a tokenizer. SpecKV feeds the prompt to the draft and the draft's tokens to the "
+            "target, so both must use the same tokenizer: pick a draft from the target's model family (e.g. "
+            "Qwen2.5-0.5B-Instruct for a Qwen2.5 target)."
+        )
+
+
+def check_prompt_ids(draft, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    """Raises `ValueError` before the draft runs if it cannot embed every id of `input_ids` (padding included: the
+    draft reads those positions too).
+
+    The exact condition is `0 <= input_ids < embeddable_ids(draft)`; it costs one reduction and one host
+    synchronisation per prompt batch.
+
+    Args:
+        draft (`PreTrainedModel`): the draft that will read the prompt.
+        input_ids (`torch.LongTensor` of shape `(batch, length)`): the prompt ids as the draft will receive them.
+        attention_mask (`torch.LongTensor` of shape `(batch, length)`, *optional*): only used to say whether an
+            offending id sits on a padding position.
+    """
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    limit = embeddable_ids(draft)
+    if limit is None or input_ids.numel() == 0:
+        return
+    low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+    if low >= 0 and high < limit:
+        return
+    bad = (input_ids < 0) | (input_ids >= limit)
+    row, column = (int(i) for i in torch.nonzero(bad)[0].tolist())
+    token = int(input_ids[row, column])
+    where = f"row {row}, position {column}"
+    if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(attention_mask[row, column]):
+        raise ValueError(
+            f"The prompt's padding id {token} ({where}) is not an id the draft can read (it embeds ids 0 to "
+            f"{limit - 1}). Pad with an id of the vocabulary: set `tokenizer.pad_token_id` (or `pad_token_id`) to one "
+            "below that, e.g. the EOS id."
+        )
+    raise ValueError(
+        f"The prompt holds token id {token} ({where}), which the draft cannot read: it embeds ids 0 to {limit - 1}. "
+        "The draft reads the target's prompt, so both must use one tokenizer: tokenize with it, or pick a draft "
+        "whose vocabulary covers the target's (a draft from the target's model family)."
+    )
+
+
+def check_lookahead_ids(target, lookahead_ids: torch.Tensor) -> None:
+    """Raises `ValueError` if the target cannot embed every id of precomputed draft tokens (`lookahead_ids=` of a
+    cache), which it reads after the prompt. Same exact rule as [`check_prompt_ids`], for the target."""
+    if lookahead_ids.dtype.is_floating_point or lookahead_ids.dtype.is_complex or lookahead_ids.dtype == torch.bool:
+        raise TypeError(f"`lookahead_ids` must hold integer token ids, got dtype {lookahead_ids.dtype}.")
+    limit = embeddable_ids(target)
+    if limit is None or lookahead_ids.numel() == 0:
+        return
+    low, high = torch.stack([lookahead_ids.min(), lookahead_ids.max()]).tolist()
+    if low < 0 or high >= limit:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"`lookahead_ids` holds token id {bad}, which the target cannot read: it embeds ids 0 to {limit - 1}. "
+            "Draft tokens must come from a draft with the target's tokenizer."
         )
 
 
@@ -68,7 +169,11 @@ def generate_lookahead(
     Returns:
         `(lookahead_ids, lookahead_valid)`, both `(batch, n)` with `n <= num_tokens`; `lookahead_valid` is False for
         the padding after a row's EOS (the EOS itself is kept, as in the paper's code).
+
+    Raises:
+        `ValueError`: before the draft runs, if the prompt holds ids the draft cannot embed ([`check_prompt_ids`]).
     """
+    check_prompt_ids(draft, input_ids, attention_mask)
     batch = input_ids.shape[0]
     if num_tokens == 0:
         empty = input_ids.new_zeros((batch, 0))

@@ -36,13 +36,15 @@ class SpecPrefillPreprocessor(SpecPCPreprocessor):
 
 
 class _ControlPreprocessor(SpecPCPreprocessor):
-    """A control without a draft: scores come from position (recency) or a seeded generator (random)."""
+    """A control without a draft: scores come from position (recency) or a seeded generator (random); selection,
+    protection and output are SpecPC's."""
+
+    _uses_draft = False
 
     def __init__(self, max_capacity_prompt: int, window_size: int, tokenizer=None, **protect):
-        self.config = SpecPCConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size, kernel_size=1,
-                                   neighbor_tokens=1, starting_layer_index=0, **protect)
-        self.draft = None
-        self.tokenizer = tokenizer
+        config = SpecPCConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size, kernel_size=1,
+                              neighbor_tokens=1, starting_layer_index=0, **protect)
+        super().__init__(None, config=config, tokenizer=tokenizer)
 
     def _token_scores(self, input_ids, attention_mask):
         empty = input_ids.new_zeros((input_ids.shape[0], 0))

@@ -8,7 +8,7 @@ import torch
 from .adapters import unwrap_adapters
 from .cache import PromptCompressionCache
 from .config import SpecKVConfig
-from .draft import check_draft_compatible, generate_lookahead
+from .draft import check_draft_compatible, check_lookahead_ids, generate_lookahead
 
 
 class SpecKVCache(PromptCompressionCache):
@@ -85,6 +85,8 @@ class SpecKVCache(PromptCompressionCache):
     def _validate_model(self, model) -> None:
         if self.draft is not None:
             check_draft_compatible(self.draft, model)
+        if self.fixed_lookahead is not None:
+            check_lookahead_ids(model, self.fixed_lookahead[0])
 
     def _uses_fixed_lookahead(self, input_ids, attention_mask) -> bool:
         """Fixed `lookahead_ids` belong to one prompt: the first one this cache compresses. Another prompt uses the

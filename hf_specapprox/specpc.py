@@ -11,7 +11,7 @@ from . import scoring
 from .adapters import unwrap_adapters
 from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
 from .config import SpecPCConfig
-from .draft import generate_lookahead
+from .draft import check_prompt_ids, generate_lookahead
 from .scoring.select import specpc_keep_mask
 
 
@@ -143,37 +143,124 @@ class SpecPCPreprocessor:
     ```
     """
 
+    # Controls without a draft (recency, random: prompt_baselines.py) set this to False and score tokens otherwise.
+    _uses_draft = True
+
     def __init__(self, draft, config: SpecPCConfig | None = None, tokenizer=None, **config_kwargs):
         if config is not None and config_kwargs:
             raise ValueError("Pass either `config` or individual knobs, not both.")
         self.config = config if config is not None else SpecPCConfig(**config_kwargs)
         if not isinstance(self.config, SpecPCConfig):
             raise TypeError(f"`config` must be a SpecPCConfig, got {type(self.config).__name__}.")
-        self.draft = draft = unwrap_adapters(draft, role="draft")
+        if self._uses_draft:
+            if draft is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs `draft=` (a small model of the target's family); its attention "
+                    "picks the tokens. RecencyPreprocessor and RandomPreprocessor are the draft-free controls."
+                )
+            draft = unwrap_adapters(draft, role="draft")
+        elif draft is not None:
+            raise ValueError(f"{type(self).__name__} uses no draft; do not pass one.")
+        self.draft = draft
         self.tokenizer = tokenizer
-        num_layers = getattr(draft.config.get_text_config(decoder=True), "num_hidden_layers", None)
+        self._check_config()
+
+    def _check_config(self) -> None:
+        """Validates the knobs (again at every call: a config may be edited after construction)."""
+        self.config.validate()
+        if self.draft is None:
+            return
+        num_layers = getattr(self.draft.config.get_text_config(decoder=True), "num_hidden_layers", None)
         if num_layers is not None and self.config.starting_layer_index >= num_layers:
             raise ValueError(
                 f"`starting_layer_index` ({self.config.starting_layer_index}) must be below the draft's number of "
                 f"layers ({num_layers}), or no layer votes. Lower it (the paper uses 8 for 16- to 24-layer drafts)."
             )
 
+    def _protected_ids(self) -> tuple[int, ...]:
+        ids = self.config.protected_token_ids
+        if ids is None:
+            return ()
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            return (ids,)
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TypeError(
+                f"`protected_token_ids` must be a sequence of token ids (ints), got {ids!r}; give e.g. "
+                "`tokenizer.all_special_ids` or `()` for none."
+            )
+        ids = tuple(ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError(
+                f"`protected_token_ids` must hold ints (token ids), got {ids!r}; convert tokens with "
+                "`tokenizer.convert_tokens_to_ids`."
+            )
+        return ids
+
     def _protected(self, input_ids: torch.Tensor, valid: torch.Tensor, protected_mask) -> torch.Tensor:
         protected = torch.zeros_like(valid)
         if self.config.num_sink_tokens:
             rank = valid.long().cumsum(-1) - 1
             protected |= valid & (rank < self.config.num_sink_tokens)
-        if self.config.protected_token_ids:
-            ids = torch.tensor(self.config.protected_token_ids, device=input_ids.device)
-            protected |= torch.isin(input_ids, ids)
+        protected_ids = self._protected_ids()
+        if protected_ids:
+            protected |= torch.isin(input_ids, torch.tensor(protected_ids, device=input_ids.device))
         if protected_mask is not None:
-            if protected_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"`protected_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
-                    f"{tuple(protected_mask.shape)}."
-                )
             protected |= protected_mask.to(device=input_ids.device, dtype=torch.bool)
         return protected & valid
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask, protected_mask) -> torch.Tensor:
+        """Refuses, before any draft work, inputs that cannot be compressed; returns the attention mask."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {shape}.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids.shape[0] == 0:
+            raise ValueError("The batch is empty (0 prompts): there is nothing to compress.")
+        if input_ids.shape[1] == 0:
+            raise ValueError(
+                "The prompts are empty (0 tokens): there is nothing to compress. Tokenize a non-empty prompt."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        mask = attention_mask.long()
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (token).")
+        empty_rows = torch.nonzero(mask.sum(-1) == 0).flatten().tolist()
+        if empty_rows:
+            raise ValueError(
+                f"Row(s) {empty_rows} of the batch are all padding (their attention mask is all zeros): there is no "
+                "prompt to compress. Remove empty prompts from the batch."
+            )
+        if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+            if not bool(mask[:, -1].all()):
+                raise ValueError(
+                    "The batch is right-padded. SpecPC needs left padding: set `tokenizer.padding_side = 'left'`."
+                )
+            raise ValueError(
+                "The attention mask has padding between tokens. SpecPC needs left padding only (zeros, then ones, in "
+                "every row): set `tokenizer.padding_side = 'left'` and pass the mask the tokenizer returned."
+            )
+        if protected_mask is not None:
+            if not isinstance(protected_mask, torch.Tensor) or protected_mask.shape != input_ids.shape:
+                shape = tuple(protected_mask.shape) if isinstance(protected_mask, torch.Tensor) else protected_mask
+                raise ValueError(
+                    f"`protected_mask` must be a tensor with the shape of `input_ids` {tuple(input_ids.shape)}, got "
+                    f"{shape}."
+                )
+            if protected_mask.dtype != torch.bool and not bool(((protected_mask == 0) | (protected_mask == 1)).all()):
+                raise ValueError("`protected_mask` must be boolean (True: never drop this position) or hold 0/1.")
+        self._protected_ids()
+        if self.draft is not None:
+            check_prompt_ids(self.draft, input_ids, attention_mask)
+        return attention_mask
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, protected_mask=None):
@@ -186,17 +273,14 @@ class SpecPCPreprocessor:
 
         Returns:
             [`SpecPCOutput`]
+
+        Raises:
+            `ValueError` / `TypeError`, before the draft runs: an empty batch or empty prompts (0 tokens), a row that is
+            all padding, right padding or gaps in the mask, a `protected_mask` of another shape, `protected_token_ids`
+            that are not ints, prompt ids the draft cannot embed, or knobs made invalid after construction.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must be (batch, length), got shape {tuple(input_ids.shape)}.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError("`attention_mask` must have the shape of `input_ids`.")
-        if not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "The batch is right-padded. SpecPC needs left padding: set `tokenizer.padding_side = 'left'`."
-            )
+        self._check_config()
+        attention_mask = self._check_inputs(input_ids, attention_mask, protected_mask)
         valid = attention_mask.bool()
         start = time.perf_counter()
         scores, draft_tokens, draft_valid = self._token_scores(input_ids, attention_mask)
