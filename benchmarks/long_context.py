@@ -14,7 +14,15 @@ calls, reported as medians. TTFT is the time from the call to the first token's 
 it, after a CUDA synchronisation); TPOT = (total - TTFT) / (new_tokens - 1). No EOS exists, so every call decodes
 exactly `new_tokens` tokens, and SpecKV's draft looks ahead as many. Peak memory is what the timed calls add: peak
 RSS growth on CPU (`/proc/self/clear_refs` + `VmHWM`), `torch.cuda.max_memory_allocated` above the memory
-allocated before the call on CUDA. Ratios are against `stock` measured in the same run.
+allocated before the call on CUDA (`peak_mem_total_mib` includes the models). Ratios are against `stock` measured
+in the same run.
+
+Methods: `stock` (DynamicCache), `speckv_dense` / `speckv_sparse` (SpecKV with `sparse_prefill="off"` / `"on"`),
+`snapkv`, and `speckv` (SpecKV with the installed library's defaults). Where the installed `SpecKVConfig` has no
+`sparse_prefill` field, the dense/sparse rows say "skipped" and `speckv` is measured in their place. Decoding is
+the dynamic cache's (`decode` column). The gpu preset measures stock, speckv_sparse and snapkv (pass `--methods` for
+more), then searches at the longest prompt for the largest batch of stock and SpecKV that fits, each trial a single
+call; the search (and the attention table) stop at `--deadline-s` (450 s), the measurements never do.
 """
 
 from __future__ import annotations
@@ -272,10 +280,13 @@ class Worker:
                 ids = mask = None
                 ids, mask = self.inputs(length, batch)
                 _, _, total, growth, _ = self.generate(ids, mask)
-            except out_of_memory as error:
-                if "out of memory" not in str(error).lower():
-                    raise
+            except Exception as error:
                 ids = mask = None
+                if not (isinstance(error, out_of_memory) or "out of memory" in str(error).lower()):
+                    traceback.print_exc()
+                    reason = f"failed: {type(error).__name__}: {error}"[:300]
+                    trials.append(trial(method, length, batch, new, stop=reason))
+                    return trials
                 gc.collect()
                 if self.cuda:
                     torch.cuda.empty_cache()
@@ -385,7 +396,8 @@ def spawn(job, timeout=None):
         if done.returncode != 0 or not out.exists():
             tail = (done.stderr or done.stdout)[-3000:]
             print(f"worker {job['method']} {job['lengths']} failed (exit {done.returncode}):\n{tail}", file=sys.stderr)
-            return {"error": f"failed (exit {done.returncode}): {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+            last = tail.strip().splitlines()[-1] if tail.strip() else ""
+            return {"error": f"failed (exit {done.returncode}): {last}"}
         return json.loads(out.read_text())
 
 
@@ -427,7 +439,8 @@ def table(rows):
 
 
 def attention_table(rows):
-    lines = ["| prompt | heads (q/kv × dim) | vertical | window | block | dense SDPA s | vertical-slash s | sparse/dense |",
+    lines = ["| prompt | heads (q/kv × dim) | vertical | window | block | dense SDPA s | vertical-slash s "
+             "| sparse/dense |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = f"{r['heads']}/{r['kv_heads']} × {r['head_dim']}"
@@ -467,7 +480,8 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="toy model sizes (test the gpu preset's path on CPU)")
     parser.add_argument("--lengths", help="comma-separated prompt lengths (tokens)")
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--runs", type=int, help="timed runs per method and length (after one warm-up; default 3)")
+    parser.add_argument("--runs", type=int,
+                        help="timed runs per method and length, after one warm-up (default: smoke 2, cpu 3, gpu 2)")
     parser.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--budget", type=int, help="KV budget per layer and KV head (default 1024)")
     parser.add_argument("--batch", type=int, default=1)
@@ -500,10 +514,12 @@ def main(argv=None):
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
-    methods = sorted(methods, key=METHODS.index)  # stock first: the baseline
+    sparse_ok = sparse_prefill_supported()
+    if not sparse_ok and {"speckv_dense", "speckv_sparse"} & set(methods):
+        methods.append("speckv")  # their rows say skipped; SpecKV as the installed library runs it stands in
+    methods = sorted(set(methods), key=METHODS.index)  # stock first: the baseline
     budget = args.budget or preset["budget"]
     deadline_s = args.deadline_s or preset.get("deadline_s")
-    sparse_ok = sparse_prefill_supported()
     knobs = dict(preset["sparse"])
     attention_knobs = dict(vertical=knobs.get("prefill_vertical_size", 2048),
                            window=knobs.get("prefill_window_size", 2048), block=knobs.get("prefill_block_size", 64))

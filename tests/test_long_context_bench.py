@@ -71,7 +71,8 @@ def test_smoke_preset_writes_the_schema(tmp_path):
     module = load()
     result, printed = run(tmp_path, "--preset", "smoke")
     lengths = module.PRESETS["smoke"]["lengths"]
-    check_rows(result, module.DEFAULT_METHODS, lengths)
+    expected = module.DEFAULT_METHODS + ([] if sparse_prefill_supported() else ["speckv"])
+    check_rows(result, expected, lengths)
     meta = result["meta"]
     for key in ("date", "machine", "torch", "transformers", "preset", "budget", "runs", "sparse_prefill_supported"):
         assert key in meta
@@ -106,7 +107,8 @@ def test_presets_and_ratios():
     assert (gpu["target"]["num_hidden_layers"], gpu["target"]["num_key_value_heads"], gpu["draft"]["head_dim"]) == (
         32, 8, 64)
     rows = [dict(method=m, prompt_tokens=8, batch=1, new_tokens=4, ttft_s=t, tpot_s=t / 10, total_s=2 * t,
-                 peak_mem_mib=p, decode="dynamic", warmup_s=t, skipped=None) for m, t, p in (("stock", 1.0, 10.0), ("snapkv", 0.5, 5.0))]
+                 peak_mem_mib=p, decode="dynamic", warmup_s=t, skipped=None)
+            for m, t, p in (("stock", 1.0, 10.0), ("snapkv", 0.5, 5.0))]
     rows.append(module.skipped_row("speckv_sparse", 8, dict(new_tokens=4, batch=1), "no sparse_prefill"))
     module.add_ratios(rows)
     assert [r["total_ratio"] for r in rows] == [1.0, 0.5, None] and rows[1]["peak_mem_ratio"] == 0.5
