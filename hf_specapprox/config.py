@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 POOL_TYPES = ("max", "mean")
 REDUCTION_TYPES = ("max", "mean")
 SCORING_IMPLEMENTATIONS = ("auto", "torch", "triton")
+SPARSE_PREFILL_MODES = ("auto", "on", "off")
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -68,6 +69,21 @@ class AttentionSelectionConfig(KVSelectionConfig):
         scoring_implementation (`str`, *optional*, defaults to `"auto"`):
             `"auto"` uses the fused Triton kernels for CUDA tensors when Triton works there, the chunked torch
             reference otherwise; `"torch"` or `"triton"` force one.
+        sparse_prefill (`str`, *optional*, defaults to `"off"`):
+            Vertical-slash sparse attention in the compressing layers of the prefill forward (the paper's code,
+            MInference's mask): `"auto"` when prompt + lookahead exceed `sparse_prefill_threshold` tokens, `"on"`
+            always, `"off"` never (dense). Each layer is scored first (the scores stay exact and dense); its attention
+            output is then computed under the sparse mask for every row. Needs FlexAttention (torch >= 2.5).
+        sparse_prefill_threshold (`int`, *optional*, defaults to 4096):
+            Prompt + lookahead length above which `"auto"` switches the sparse prefill on (the paper's
+            `prefill_vertical_size + prefill_window_size`).
+        prefill_vertical_size (`int`, *optional*, defaults to 2048):
+            Vertical columns: the best-scoring candidate keys of each KV head, seen by every query.
+        prefill_window_size (`int`, *optional*, defaults to 2048):
+            Band: each block of `prefill_block_size` queries also sees the `prefill_window_size + prefill_block_size`
+            keys before its block end (MInference's slash diagonals every block, merged).
+        prefill_block_size (`int`, *optional*, defaults to 64):
+            Query block size of the band, blocks aligned to position 0 of the left-padded batch.
     """
 
     window_size: int = 32
@@ -75,6 +91,11 @@ class AttentionSelectionConfig(KVSelectionConfig):
     pool_type: str = "max"
     reduction_type: str = "max"
     scoring_implementation: str = "auto"
+    sparse_prefill: str = "off"
+    sparse_prefill_threshold: int = 4096
+    prefill_vertical_size: int = 2048
+    prefill_window_size: int = 2048
+    prefill_block_size: int = 64
 
     def validate(self) -> None:
         super().validate()
@@ -88,6 +109,11 @@ class AttentionSelectionConfig(KVSelectionConfig):
         _check_choice("pool_type", self.pool_type, POOL_TYPES)
         _check_choice("reduction_type", self.reduction_type, REDUCTION_TYPES)
         _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
+        _check_choice("sparse_prefill", self.sparse_prefill, SPARSE_PREFILL_MODES)
+        _check_positive_int("sparse_prefill_threshold", self.sparse_prefill_threshold, minimum=0)
+        _check_positive_int("prefill_vertical_size", self.prefill_vertical_size, minimum=0)
+        _check_positive_int("prefill_window_size", self.prefill_window_size, minimum=0)
+        _check_positive_int("prefill_block_size", self.prefill_block_size)
         if self.max_capacity_prompt <= self.window_size:
             raise ValueError(
                 f"`max_capacity_prompt` ({self.max_capacity_prompt}) must be larger than `window_size` "
@@ -119,9 +145,14 @@ class SpecKVConfig(AttentionSelectionConfig):
             As in [`AttentionSelectionConfig`] (the paper's value).
         scoring_implementation (`str`, *optional*, defaults to `"auto"`):
             As in [`AttentionSelectionConfig`].
+        sparse_prefill (`str`, *optional*, defaults to `"auto"`):
+            The paper's vertical-slash sparse prefill above `sparse_prefill_threshold` (4096) tokens of prompt +
+            lookahead; see [`AttentionSelectionConfig`] for it and its other knobs (`sparse_prefill_threshold`,
+            `prefill_vertical_size`, `prefill_window_size`, `prefill_block_size`; the paper's 4096, 2048, 2048, 64).
     """
 
     lookahead_tokens: int = 64
+    sparse_prefill: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -145,6 +176,9 @@ class SnapKVConfig(AttentionSelectionConfig):
             SnapKV sums the window's attention, which ranks like the mean used here.
         scoring_implementation (`str`, *optional*, defaults to `"auto"`):
             As in [`AttentionSelectionConfig`].
+        sparse_prefill (`str`, *optional*, defaults to `"off"`):
+            SnapKV's own prefill is dense; `"on"`/`"auto"` use SpecKV's sparse prefill (see
+            [`AttentionSelectionConfig`]).
     """
 
     pool_type: str = "mean"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging
 
-from . import compat
+from . import compat, sparse_attention
 from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
 from .layers import CompressedKVLayer, build_layers
 from .scoring import select_kept_positions
@@ -45,6 +45,7 @@ class PrefillState(AttentionObserver):
         self.window_start = cache._window_start(prompt_length)
         self.query_start = cache._query_start(prompt_length)
         self.num_selected = cache.config.max_capacity_prompt - (prompt_length - 1 - self.window_start)
+        self.sparse = uses_sparse_prefill(cache.config, token_valid.shape[1])
         self.pending: set[int] = set()
         self.done: set[int] = set()
 
@@ -69,12 +70,34 @@ class PrefillState(AttentionObserver):
         layer_idx, layer = self._layer(module)
         if layer is None:
             return
-        positions = self.kept_positions(query, key, scaling)
+        positions = select_kept_positions(*self._selection_inputs(query, key, scaling))
         layer.keep(key, value, positions, seen_tokens=self.prompt_length - 1)
         self.done.add(layer_idx)
 
-    def kept_positions(self, query, key, scaling) -> torch.Tensor:
-        """The prompt positions a layer keeps, `(batch, num_kv_heads, max_capacity_prompt)`, sorted."""
+    def attend(self, module, query, key, value, attention_mask, attention, **kwargs):
+        """Dense prefill: the model's own attention, then the layer is scored. Sparse prefill (paper §2.1, the
+        official code's MInference call): the layer is scored first, and its output for every row is the
+        vertical-slash attention whose vertical columns are the best-scoring candidates of each KV head."""
+        layer_idx, layer = self._layer(module)
+        if not self.sparse or layer is None:
+            return super().attend(module, query, key, value, attention_mask, attention, **kwargs)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        scores, candidate_valid, num_selected, window = self._selection_inputs(query, key, scaling)
+        config = self.cache.config
+        columns = sparse_attention.vertical_columns(
+            scores.masked_fill(~candidate_valid[:, None, :], float("-inf")), config.prefill_vertical_size
+        )
+        output = sparse_attention.vertical_slash_attention(
+            query, key, value, columns, scaling=scaling, key_valid=self.token_valid.to(key.device),
+            window_size=config.prefill_window_size, block_size=config.prefill_block_size,
+        )
+        layer.keep(key, value, select_kept_positions(scores, candidate_valid, num_selected, window),
+                   seen_tokens=self.prompt_length - 1)
+        self.done.add(layer_idx)
+        return output, None
+
+    def _selection_inputs(self, query, key, scaling):
+        """`(pooled candidate scores, candidate validity, number to select, window positions)` of one layer."""
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         device = key.device
@@ -89,7 +112,7 @@ class PrefillState(AttentionObserver):
             num_candidates=self.window_start,
         )
         window = torch.arange(self.window_start, self.prompt_length - 1, device=device)
-        return select_kept_positions(scores, valid[:, : self.window_start], self.num_selected, window)
+        return scores, valid[:, : self.window_start], self.num_selected, window
 
     def check_complete(self) -> None:
         missing = sorted(self.pending - self.done)
@@ -99,6 +122,12 @@ class PrefillState(AttentionObserver):
                 "not be scored. hf_specapprox needs models whose attention dispatches through transformers' "
                 "`AttentionInterface` (all current transformers text models do)."
             )
+
+
+def uses_sparse_prefill(config, num_tokens: int) -> bool:
+    """Whether a prefill forward over `num_tokens` (prompt + lookahead) runs the sparse attention."""
+    mode = getattr(config, "sparse_prefill", "off")
+    return mode == "on" or (mode == "auto" and num_tokens > config.sparse_prefill_threshold)
 
 
 def check_prompt(cache: PromptCompressionCache, input_ids, attention_mask) -> torch.Tensor:
