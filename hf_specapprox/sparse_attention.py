@@ -3,15 +3,18 @@
 The official code replaces the dense prefill attention of every compressing layer by MInference's
 `vertical_slash_sparse_attention` once the sequence is longer than 4,096 tokens: a query block of 64 rows sees a causal
 band of the last 2,112 keys before its block end (33 "slash" diagonals every 64 positions, 64x64 blocks) plus the
-2,048 best-scoring keys of its KV head (the "vertical" columns). This module computes the same attention from two
-well-kept kernels instead of a hand-written one:
+2,048 best-scoring keys of its KV head (the "vertical" columns). This module computes the same attention with
+FlexAttention (`torch.compile(flex_attention)`) instead of a hand-written kernel, doing only the sparse work: the
+vertical keys are gathered in front of the sequence's keys, and the block mask lists the column tiles and the band
+tiles each query tile needs.
 
-* the band as a FlexAttention block mask (`torch.compile(flex_attention)`), which only visits the blocks near the
-  diagonal;
-* the vertical columns as a small dense attention over the `v` gathered keys, chunked over the queries, with each
-  column masked where the band already covers it (no double counting);
+Why one call and not a band attention plus a dense column attention merged by log-sum-exp: compiled FlexAttention on
+CPU does not return the log-sum-exp (torch 2.13: "torch.compile on CPU only supports inference and `return_lse` is
+not supported yet"). Putting the scattered columns at their own positions in the block mask instead would touch
+nearly every key tile (measured 2.5x slower than dense SDPA at 8K on CPU).
 
-and merges the two by their log-sum-exp.
+Compilation: the batch size, head counts, head size, dtype and `flex_block_size` are static (a new value compiles
+again, ~10 s on CPU); the sequence length and the number of columns become dynamic after the second distinct value.
 """
 
 from __future__ import annotations
