@@ -183,3 +183,22 @@ def test_missing_flex_attention_says_what_is_needed(monkeypatch):
     finally:
         monkeypatch.undo()
         sparse_attention._flex.cache_clear()
+
+
+def test_ragged_final_block_ends_a_whole_block_after_its_start():
+    """MInference's index kernel sets the block end to `start + block_size` even past the sequence end, so the last
+    rows of a ragged final block see the band `[start - window, i]`, not `[n - window - block, i]`."""
+    length, window, block = 38, 8, 4  # final block starts at 36: band from 28 (a block end of n = 38 would give 26)
+    query, key, value, _ = random_inputs(4, 1, 2, 2, length)
+    columns = torch.zeros(1, 2, 0, dtype=torch.long)
+    valid = torch.ones(1, length, dtype=torch.bool)
+    output = vertical_slash_attention(
+        query, key, value, columns, scaling=0.25, window_size=window, block_size=block, flex_block_size=TILE
+    )
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    sequence_end_rule = (j <= i) & (j >= torch.clamp((i // block + 1) * block, max=length) - window - block)
+    other = oracle(query, key, value, sequence_end_rule.expand(1, 2, -1, -1), 0.25)
+    expected = oracle(query, key, value, oracle_mask(length, columns, valid, window, block), 0.25)
+    torch.testing.assert_close(output, expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(output[:, :36], other[:, :36], atol=2e-5, rtol=2e-5)
+    assert (output[:, 36:] - other[:, 36:]).abs().max() > 1e-3
