@@ -68,7 +68,8 @@ def main() -> None:
             for name, model in drafts.items():
                 preview, valid = generate_lookahead(model, ids, mask, sample.max_new_tokens)
                 previews[name] = preview[0][valid[0]]  # up to and including the draft's EOS
-                specpc = SpecPCPreprocessor(model, max_capacity_prompt=args.pc_budget, starting_layer_index=layer)
+                specpc = SpecPCPreprocessor(model, max_capacity_prompt=args.pc_budget,
+                                            window_size=min(64, args.pc_budget), starting_layer_index=layer)
                 start = time.perf_counter()
                 compressed = specpc(ids, mask)
                 result[f"{name}_draft_seconds"] = time.perf_counter() - start
