@@ -55,6 +55,9 @@ def compress_output_paths(file: str, out: str | None) -> tuple[Path, Path]:
     source = Path(file)
     text_path = Path(out) if out else source.with_suffix(".compressed.txt")
     stats_path = text_path.with_suffix(".stats.json")
+    for path in (text_path, stats_path):
+        if path.is_dir():
+            raise SystemExit(f"hf-specapprox: error: {path} is a folder; --out takes a file path")
     taken = {source.resolve(): "the input file"}
     for path, what in ((text_path, "--out"), (stats_path, "the stats file")):
         if path.resolve() in taken:
