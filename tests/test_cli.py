@@ -18,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def no_models(monkeypatch):
+    """Refusals come before any model is loaded (so neither the draft nor the scoring runs)."""
+
+    def refuse(args):
+        raise AssertionError("a model was loaded for a refused command")
+
+    monkeypatch.setattr(cli, "_models", refuse)
+
+
+@pytest.fixture
 def document(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text(words(200, seed=1))
@@ -35,7 +45,7 @@ def test_compress_out_json_keeps_the_compressed_text(document, tmp_path):
 
 
 @pytest.mark.parametrize("out_name", ["notes.txt", "notes.stats.json"])
-def test_compress_never_overwrites_its_input(tmp_path, out_name):
+def test_compress_never_overwrites_its_input(tmp_path, out_name, no_models):
     # Before: `--out notes.txt` replaced the input with its compressed text.
     source = tmp_path / out_name
     text = words(80, seed=2)
@@ -62,7 +72,7 @@ def test_compress_budget_below_64_keeps_the_budget(document, tmp_path):
     ["eval", "--tiny", "--budgets", "32", "0"],
     ["bench", "--tiny", "--budget", "0"],
 ], ids=["compress-0", "compress-negative", "compress-word", "demo", "demo-pc", "eval", "bench"])
-def test_nonpositive_budgets_are_one_line_usage_errors(argv, document, capsys):
+def test_nonpositive_budgets_are_one_line_usage_errors(argv, document, capsys, no_models):
     # Before: `--budget 0` ran the models and died in the config with a traceback.
     with pytest.raises(SystemExit) as exit_info:
         cli.main([str(document) if arg == "FILE" else arg for arg in argv])
@@ -72,7 +82,7 @@ def test_nonpositive_budgets_are_one_line_usage_errors(argv, document, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "directory", "not-text"])
-def test_bad_files_are_one_line_errors(tmp_path, case):
+def test_bad_files_are_one_line_errors(tmp_path, case, no_models):
     # Before: FileNotFoundError, IsADirectoryError, UnicodeDecodeError tracebacks; an empty file was "compressed".
     path = tmp_path / "notes.txt"
     if case == "empty":
@@ -114,3 +124,9 @@ def test_harness_small_prompt_budgets_keep_the_budget_and_warn(caplog):
     assert "SpecPC's `window_size` lowered from 64 to 21" in caplog.text
     _, stats = run_method("speckv_pc", target, draft, ids, mask, budget=8, pc_budget=40, max_new_tokens=2)
     assert stats["kept_tokens"] == [40]
+
+
+def test_compress_out_folder_is_refused(document, tmp_path, no_models):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit, match="is a folder"):
+        cli.main(["compress", "--tiny", str(document), "--out", str(tmp_path / "out")])
