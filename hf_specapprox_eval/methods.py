@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import torch
 from transformers.utils import logging
 
-from hf_specapprox.config import SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
+from hf_specapprox.config import SpecKVConfig, SpecPCConfig
 from hf_specapprox.registry import METHODS as REGISTRY
 from hf_specapprox.registry import get_method
 
@@ -45,32 +47,40 @@ def specpc_window(budget: int) -> int:
     return clamp_knob("SpecPC's `window_size`", SPECPC_WINDOW, budget, f"the prompt budget is {budget} tokens")
 
 
+def _stage_config(config_class, spec_name: str, draft, *, budget: int, window_size: int, max_new_tokens: int):
+    """One config of `config_class` for `budget`: SpecPC-like configs get SpecPC's window (and, but for SpecPrefill,
+    the draft's voting layers); attention-window configs a window below the budget; SpecKV the answer length as its
+    lookahead. Any other config (a new KV method) gets its budget and its defaults."""
+    names = {field.name for field in fields(config_class)}
+    knobs = {"max_capacity_prompt": budget}
+    if issubclass(config_class, SpecPCConfig):
+        knobs["window_size"] = specpc_window(budget)
+        if spec_name != "specprefill":  # SpecPrefill reads only the budget
+            knobs["starting_layer_index"] = voting_layer(draft)
+        return config_class(**knobs)
+    if "window_size" in names:
+        knobs["window_size"] = clamp_knob("`window_size`", window_size, budget - 1, f"the KV budget is {budget}")
+    if issubclass(config_class, SpecKVConfig):
+        knobs["lookahead_tokens"] = max_new_tokens
+    return config_class(**knobs)
+
+
 def method_configs(name: str, draft, *, budget: int | None, max_new_tokens: int, pc_budget: int = 1024,
                    window_size: int = 32) -> dict:
-    """The configs the harness gives method `name` of the registry (keyword → config), from its budgets."""
-    if name == "full":
-        return {}
-    if name in ("speckv", "snapkv", "speckv_pc"):
-        window = clamp_knob("`window_size`", window_size, budget - 1, f"the KV budget is {budget}")
-    if name == "speckv":
-        return {"speckv_config": SpecKVConfig(max_capacity_prompt=budget, window_size=window,
-                                              lookahead_tokens=max_new_tokens)}
-    if name == "snapkv":
-        return {"snapkv_config": SnapKVConfig(max_capacity_prompt=budget, window_size=window)}
-    if name == "streamingllm":
-        return {"streamingllm_config": StreamingLLMConfig(max_capacity_prompt=budget)}
-    if name == "specpc":
-        return {"specpc_config": SpecPCConfig(max_capacity_prompt=budget, window_size=specpc_window(budget),
-                                              starting_layer_index=voting_layer(draft))}
-    if name == "specprefill":  # reads the budget only (its own window of 1, every layer)
-        return {"specpc_config": SpecPCConfig(max_capacity_prompt=budget, window_size=specpc_window(budget))}
-    # speckv_pc: SpecPC to `pc_budget` with kernel 32 (the released configs), then SpecKV to `budget`
-    return {
-        "specpc_config": SpecPCConfig(max_capacity_prompt=pc_budget, window_size=specpc_window(pc_budget),
-                                      kernel_size=32, lookahead_tokens=max_new_tokens,
-                                      starting_layer_index=voting_layer(draft)),
-        "speckv_config": SpecKVConfig(max_capacity_prompt=budget, window_size=window),
-    }
+    """The configs the harness gives method `name` of the registry (keyword → config), from its budgets: every
+    config of the method gets `budget` (see [`_stage_config`]), except SpecKV-PC's first stage, which gets
+    `pc_budget`, kernel 32 and the answer length as draft tokens (the released configs)."""
+    spec = get_method(name)
+    configs = {argument: _stage_config(config_class, spec.name, draft, budget=budget, window_size=window_size,
+                                       max_new_tokens=max_new_tokens)
+               for argument, config_class in zip(spec.config_arguments, spec.config_classes)}
+    if spec.name == "speckv_pc":
+        configs["specpc_config"] = replace(
+            _stage_config(SpecPCConfig, spec.name, draft, budget=pc_budget, window_size=window_size,
+                          max_new_tokens=max_new_tokens),
+            kernel_size=32, lookahead_tokens=max_new_tokens,
+        )
+    return configs
 
 
 @torch.no_grad()
