@@ -15,8 +15,8 @@ from .registry import get_method
 METHODS = tuple(REGISTRY)
 TASK = "speckv-text-generation"
 STATS_KEY = "hf_specapprox"
-#: Per-call (and construction-time) arguments the pipeline takes for itself: the method and its configs.
-METHOD_ARGUMENTS = ("method", "speckv_config", "specpc_config", "snapkv_config", "streamingllm_config")
+#: The config arguments the pipeline takes, at construction or per call: those of every registered method.
+CONFIG_ARGUMENTS = tuple(dict.fromkeys(argument for spec in REGISTRY.values() for argument in spec.config_arguments))
 
 
 class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
@@ -47,7 +47,8 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
         method (`str`, *optional*, defaults to `"speckv"`): a registered method name.
         speckv_config ([`SpecKVConfig`], *optional*), specpc_config ([`SpecPCConfig`], *optional*),
         snapkv_config ([`SnapKVConfig`], *optional*), streamingllm_config ([`StreamingLLMConfig`], *optional*):
-            the knobs; each method reads the ones it needs (SpecKV-PC both `specpc_config` and `speckv_config`).
+            the knobs (the config arguments of every registered method are accepted); each method reads the ones it
+            needs (SpecKV-PC both `specpc_config` and `speckv_config`).
 
     Example:
 
@@ -76,19 +77,19 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
             check_draft_compatible(draft_model, self.model)
         self.draft_model = draft_model
 
-    def _sanitize_parameters(self, method=None, speckv_config=None, specpc_config=None, snapkv_config=None,
-                             streamingllm_config=None, **kwargs):
+    def _sanitize_parameters(self, method=None, **kwargs):
+        configs = {name: kwargs.pop(name) for name in CONFIG_ARGUMENTS if kwargs.get(name) is not None}
+        for name in CONFIG_ARGUMENTS:
+            kwargs.pop(name, None)
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
         if method is not None:
             forward_params["method"] = get_method(method).name
-        configs = dict(speckv_config=speckv_config, specpc_config=specpc_config, snapkv_config=snapkv_config,
-                       streamingllm_config=streamingllm_config)
-        forward_params.update({name: config for name, config in configs.items() if config is not None})
+        forward_params.update(configs)
         return preprocess_params, forward_params, postprocess_params
 
     def _forward(self, model_inputs, method: str = "speckv", **generate_kwargs):
         spec = get_method(method)
-        configs = {name: generate_kwargs.pop(name) for name in METHOD_ARGUMENTS[1:] if name in generate_kwargs}
+        configs = {name: generate_kwargs.pop(name) for name in CONFIG_ARGUMENTS if name in generate_kwargs}
         if spec.uses_draft and self.draft_model is None:
             raise ValueError(f"Method {spec.name!r} needs the pipeline's `draft_model=`.")
         input_ids, attention_mask = model_inputs["input_ids"], model_inputs.get("attention_mask")
