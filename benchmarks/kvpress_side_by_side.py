@@ -44,9 +44,9 @@ def main() -> None:
     from kvpress import SnapKVPress
     from transformers import DynamicCache
 
-    from hf_specapprox.eval import make_samples, run_method, score
-    from hf_specapprox.eval.methods import _greedy
-    from hf_specapprox.models import load_pair
+    from hf_specapprox_eval import make_samples, run_method, score
+    from hf_specapprox_eval.methods import _greedy
+    from hf_specapprox_eval.models import load_pair
 
     torch.set_num_threads(args.threads)
     target, draft, tokenizer = load_pair()

@@ -39,9 +39,9 @@ def main() -> None:
 
     from hf_specapprox import SpecPCPreprocessor
     from hf_specapprox.draft import generate_lookahead
-    from hf_specapprox.eval import make_samples, score
-    from hf_specapprox.eval.methods import _greedy
-    from hf_specapprox.models import load_pair
+    from hf_specapprox_eval import make_samples, score
+    from hf_specapprox_eval.methods import _greedy
+    from hf_specapprox_eval.models import load_pair
 
     torch.set_num_threads(args.threads)
     target, draft, tokenizer = load_pair()
@@ -68,7 +68,8 @@ def main() -> None:
             for name, model in drafts.items():
                 preview, valid = generate_lookahead(model, ids, mask, sample.max_new_tokens)
                 previews[name] = preview[0][valid[0]]  # up to and including the draft's EOS
-                specpc = SpecPCPreprocessor(model, max_capacity_prompt=args.pc_budget, starting_layer_index=layer)
+                specpc = SpecPCPreprocessor(model, max_capacity_prompt=args.pc_budget,
+                                            window_size=min(64, args.pc_budget), starting_layer_index=layer)
                 start = time.perf_counter()
                 compressed = specpc(ids, mask)
                 result[f"{name}_draft_seconds"] = time.perf_counter() - start

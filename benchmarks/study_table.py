@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from hf_specapprox.eval import read_results
+from hf_specapprox_eval import read_results
 
 NAMES = {"full": "full target", "draft": "draft alone", "speckv": "SpecKV", "snapkv": "SnapKV",
          "streamingllm": "StreamingLLM", "specpc": "SpecPC", "specprefill": "SpecPrefill", "speckv_pc": "SpecKV-PC"}

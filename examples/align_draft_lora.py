@@ -2,7 +2,7 @@
 
 SpecKV and SpecPC work as well as the draft guesses where the target's answer will look. This script
 
-1. builds training and held-out prompts with the evaluation tasks (`hf_specapprox.eval.make_sample`),
+1. builds training and held-out prompts with the evaluation tasks (`hf_specapprox_eval.make_sample`),
 2. has the target answer each one greedily (`--answer-tokens`),
 3. measures the draft's agreement with those answers on the held-out prompts: teacher-forced top-1 agreement (the
    draft's next-token choice given the target's answer so far) and the free-running agreement (the draft's own greedy
@@ -25,7 +25,7 @@ import random
 import torch
 
 from hf_specapprox.draft import generate_lookahead
-from hf_specapprox.eval import make_sample
+from hf_specapprox_eval import make_sample
 from _common import load_models, parser
 
 TASKS = ["niah_single", "niah_multikey", "vt", "qa"]
@@ -88,7 +88,7 @@ def train_lora(draft, answers, *, steps, lr, rank, seed=0):
 
 def main(argv=None):
     cli = parser(__doc__)
-    cli.add_argument("--embedded", action="store_true", help="the embedded Qwen2.5-Coder pair (hf_specapprox.models)")
+    cli.add_argument("--embedded", action="store_true", help="the embedded Qwen2.5-Coder pair (hf_specapprox_eval.models)")
     cli.add_argument("--train", type=int, default=8, help="training prompts")
     cli.add_argument("--heldout", type=int, default=4, help="held-out prompts for the agreement")
     cli.add_argument("--length", type=int, default=300, help="prompt length in tokens")
@@ -99,7 +99,7 @@ def main(argv=None):
     cli.add_argument("--save", help="folder for the trained adapter")
     args = cli.parse_args(argv)
     if args.embedded:
-        from hf_specapprox.models import load_pair
+        from hf_specapprox_eval.models import load_pair
 
         target, draft, tokenizer = load_pair()
     else:

@@ -96,3 +96,16 @@ def text_config(config):
 
 def crop_must_be_negative() -> bool:
     return _CROP_NEGATIVE_ONLY
+
+
+def keep_extra_generation_attributes(generation_config) -> None:
+    """Makes `GenerationConfig.from_pretrained` keep the attributes it does not know (such as `hf_specapprox`).
+
+    A generation config derived from the model config (`_from_model_config=True`: what `model.generation_config` is
+    when the checkpoint had no `generation_config.json`) drops unknown attributes when it is loaded again (4.56 to
+    5.24 alike), and transformers has no public setter for the flag. Once the user stores settings in it, it is no
+    longer derived from the model config, so the flag is cleared. `generate` reads the flag only together with an
+    unchanged hash of the config, which storing an attribute changes anyway.
+    """
+    if getattr(generation_config, "_from_model_config", False):
+        generation_config._from_model_config = False

@@ -6,7 +6,13 @@ max reduction over the window queries and the query heads of each KV head.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import operator
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from .compat import keep_extra_generation_attributes
 
 POOL_TYPES = ("max", "mean")
 REDUCTION_TYPES = ("max", "mean")
@@ -26,8 +32,123 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} ({value!r}).")
+
+
+def _token_id(value) -> int:
+    """An integer token id (Python, numpy or 0-d tensor integers), never a bool or a float."""
+    if isinstance(value, bool):
+        raise TypeError(f"`protected_token_ids` must hold integer token ids, got the bool {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"`protected_token_ids` must hold integer token ids, got {type(value).__name__} ({value!r})."
+        ) from None
+
+
+#: The attribute of a `GenerationConfig` under which [`~ConfigMixin.to_generation_config`] stores a config.
+GENERATION_CONFIG_KEY = "hf_specapprox"
+
+
+class ConfigMixin:
+    """Serialisation shared by every configuration dataclass, shaped like transformers' own configs.
+
+    A config converts to and from a plain dict ([`to_dict`] / [`from_dict`]), a JSON string or file, and can ride in
+    a model's `GenerationConfig` (so `generation_config.json` saved with the model carries the knobs): it is stored as
+    `generation_config.hf_specapprox = {"method": <method>, **fields}`.
+    """
+
+    #: The name written as `"method"` in a `GenerationConfig`.
+    method: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        """The fields as a dict of plain Python values (tuples become lists, as in JSON)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict):
+        """Builds and validates a config from a dict such as [`to_dict`] returns.
+
+        Raises:
+            `TypeError`: `config_dict` is not a dict.
+            `ValueError`: it has keys that are not fields of this config (typos would otherwise be ignored).
+        """
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(config_dict).__name__}.")
+        names = [field.name for field in fields(cls)]
+        unknown = sorted(set(config_dict) - set(names))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields are {names}.")
+        return cls(**config_dict)
+
+    def to_json_string(self) -> str:
+        """The config as a JSON string (sorted keys, indented)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, json_string: str):
+        """Builds a config from [`to_json_string`]'s output."""
+        try:
+            config_dict = json.loads(json_string)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{cls.__name__}.from_json_string: not valid JSON ({error}).") from None
+        return cls.from_dict(config_dict)
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Writes [`to_json_string`] to `json_file_path`."""
+        with open(json_file_path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, json_file_path: str | os.PathLike):
+        """Reads a config written by [`to_json_file`]."""
+        with open(json_file_path, encoding="utf-8") as handle:
+            return cls.from_json_string(handle.read())
+
+    def to_generation_config(self, generation_config) -> None:
+        """Stores this config in `generation_config` (a `GenerationConfig`, e.g. `model.generation_config`) as the
+        attribute `hf_specapprox = {"method": ..., **fields}`; `GenerationConfig.save_pretrained` writes it to
+        `generation_config.json` and `from_pretrained` reads it back.
+
+        Example:
+
+        ```python
+        >>> SpecKVConfig(max_capacity_prompt=256).to_generation_config(model.generation_config)
+        >>> SpecKVConfig.from_generation_config(model.generation_config).max_capacity_prompt
+        256
+        ```
+        """
+        setattr(generation_config, GENERATION_CONFIG_KEY, {"method": self.method, **self.to_dict()})
+        keep_extra_generation_attributes(generation_config)
+
+    @classmethod
+    def from_generation_config(cls, generation_config):
+        """Reads the config that [`to_generation_config`] stored in `generation_config`.
+
+        Raises:
+            `ValueError`: `generation_config` holds no `hf_specapprox` entry, or one written for another method.
+        """
+        stored = getattr(generation_config, GENERATION_CONFIG_KEY, None)
+        if not isinstance(stored, dict):
+            raise ValueError(
+                f"This generation config holds no `{GENERATION_CONFIG_KEY}` entry; store one with "
+                f"`{cls.__name__}(...).to_generation_config(generation_config)`."
+            )
+        stored = dict(stored)
+        method = stored.pop("method", None)
+        if method != cls.method:
+            raise ValueError(
+                f"The generation config's `{GENERATION_CONFIG_KEY}` entry is for method {method!r}, not "
+                f"{cls.method!r} ({cls.__name__})."
+            )
+        return cls.from_dict(stored)
+
+
 @dataclass
-class KVSelectionConfig:
+class KVSelectionConfig(ConfigMixin):
     """Knobs shared by every prompt-KV selection method.
 
     Args:
@@ -38,16 +159,17 @@ class KVSelectionConfig:
             are not longer than this are not compressed.
     """
 
+    method: ClassVar[str] = "kv_selection"
+
     max_capacity_prompt: int = 1024
 
     def validate(self) -> None:
+        """Checks every field (types, ranges, combinations) and raises `TypeError` / `ValueError` with what to change.
+        Cheap (no tensors); called at construction and again when the config is used, so edits are checked too."""
         _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
 
     def __post_init__(self):
         self.validate()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -85,6 +207,8 @@ class AttentionSelectionConfig(KVSelectionConfig):
         prefill_block_size (`int`, *optional*, defaults to 64):
             Query block size of the band, blocks aligned to position 0 of the left-padded batch.
     """
+
+    method: ClassVar[str] = "attention_selection"
 
     window_size: int = 32
     kernel_size: int = 7
@@ -151,6 +275,8 @@ class SpecKVConfig(AttentionSelectionConfig):
             `prefill_vertical_size`, `prefill_window_size`, `prefill_block_size`; the paper's 4096, 2048, 2048, 64).
     """
 
+    method: ClassVar[str] = "speckv"
+
     lookahead_tokens: int = 64
     sparse_prefill: str = "auto"
 
@@ -181,6 +307,8 @@ class SnapKVConfig(AttentionSelectionConfig):
             [`AttentionSelectionConfig`]).
     """
 
+    method: ClassVar[str] = "snapkv"
+
     pool_type: str = "mean"
     reduction_type: str = "mean"
 
@@ -196,6 +324,8 @@ class StreamingLLMConfig(KVSelectionConfig):
             Number of leading (non-padding) tokens always kept.
     """
 
+    method: ClassVar[str] = "streamingllm"
+
     num_sink_tokens: int = 4
 
     def validate(self) -> None:
@@ -209,7 +339,7 @@ class StreamingLLMConfig(KVSelectionConfig):
 
 
 @dataclass
-class SpecPCConfig:
+class SpecPCConfig(ConfigMixin):
     """Configuration of SpecPC (draft-based prompt compression, paper §3.1).
 
     Args:
@@ -217,7 +347,8 @@ class SpecPCConfig:
             Prompt tokens passed to the target, window included (the paper used 1024, 2048 and 3072).
         window_size (`int`, *optional*, defaults to 64):
             The last `window_size` prompt tokens are always kept and are the draft queries whose attention is scored.
-            Prompts shorter than the window use all their tokens as the window.
+            Prompts shorter than the window use all their tokens as the window. Must not exceed
+            `max_capacity_prompt` (the window is part of the budget).
         lookahead_tokens (`int`, *optional*, defaults to 1):
             Tokens the draft generates. 1 means a single prefill forward (the paper's setting); with more, the
             attention of every decode step votes too, and the tokens are returned (SpecKV-PC reuses them).
@@ -234,11 +365,13 @@ class SpecPCConfig:
         num_sink_tokens (`int`, *optional*, defaults to 0):
             First real tokens of every row always kept (BOS, attention sinks). The paper protects none.
         protected_token_ids (`tuple[int, ...]`, *optional*, defaults to `()`):
-            Token ids always kept wherever they occur (e.g. a chat template's special tokens). The paper protects
-            none.
+            Token ids always kept wherever they occur (e.g. a chat template's special tokens); `None` means none.
+            The paper protects none.
         scoring_implementation (`str`, *optional*, defaults to `"auto"`):
             As for [`SpecKVConfig`].
     """
+
+    method: ClassVar[str] = "specpc"
 
     max_capacity_prompt: int = 1024
     window_size: int = 64
@@ -253,24 +386,39 @@ class SpecPCConfig:
     scoring_implementation: str = "auto"
 
     def __post_init__(self):
-        self.protected_token_ids = tuple(int(i) for i in self.protected_token_ids)
+        if self.protected_token_ids is None:
+            self.protected_token_ids = ()
+        if isinstance(self.protected_token_ids, (str, bytes)) or not hasattr(self.protected_token_ids, "__iter__"):
+            raise TypeError(
+                f"`protected_token_ids` must be a sequence of token ids (or None), got "
+                f"{type(self.protected_token_ids).__name__} ({self.protected_token_ids!r})."
+            )
+        self.protected_token_ids = tuple(_token_id(i) for i in self.protected_token_ids)
         self.validate()
 
     def validate(self) -> None:
+        """Checks every field (types, ranges, combinations) and raises `TypeError` / `ValueError` with what to change.
+        Cheap (no tensors); called at construction and again when the config is used, so edits are checked too."""
         _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
         _check_positive_int("window_size", self.window_size)
+        if self.window_size > self.max_capacity_prompt:
+            raise ValueError(
+                f"`window_size` ({self.window_size}) must not exceed `max_capacity_prompt` ({self.max_capacity_prompt}): "
+                f"the always-kept window is part of the budget. Lower `window_size` to at most "
+                f"{self.max_capacity_prompt} (e.g. `window_size=min(64, max_capacity_prompt)`)."
+            )
         _check_positive_int("lookahead_tokens", self.lookahead_tokens)
         _check_positive_int("kernel_size", self.kernel_size)
         if self.neighbor_tokens is not None:
             _check_positive_int("neighbor_tokens", self.neighbor_tokens)
         _check_choice("pool_type", self.pool_type, POOL_TYPES)
         _check_positive_int("starting_layer_index", self.starting_layer_index, minimum=0)
+        _check_bool("weighted_query", self.weighted_query)
         _check_positive_int("num_sink_tokens", self.num_sink_tokens, minimum=0)
+        for token_id in self.protected_token_ids or ():
+            _check_positive_int("protected_token_ids[...]", token_id, minimum=0)
         _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
 
     @property
     def neighbours(self) -> int:
         return self.neighbor_tokens or self.kernel_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)

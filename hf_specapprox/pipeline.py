@@ -2,43 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+import torch
 from transformers import AutoModelForCausalLM, LogitsProcessorList, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from . import compat
-from .cascade import DEFAULT_SPECKV, DEFAULT_SPECPC
-from .config import SpecKVConfig, SpecPCConfig
 from .draft import check_draft_compatible
 from .monitor import DraftAgreementMonitor
-from .speckv import SpecKVCache
-from .specpc import SpecPCPreprocessor
+from .registry import METHODS as REGISTRY
+from .registry import get_method
 
-METHODS = ("speckv", "specpc", "speckv-pc")
+#: The methods the pipeline runs: every registered one.
+METHODS = tuple(REGISTRY)
 TASK = "speckv-text-generation"
 STATS_KEY = "hf_specapprox"
+#: The config arguments the pipeline takes, at construction or per call: those of every registered method.
+CONFIG_ARGUMENTS = tuple(dict.fromkeys(argument for spec in REGISTRY.values() for argument in spec.config_arguments))
 
 
 class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
     """`TextGenerationPipeline` with draft-based approximate inference.
 
     Everything of the stock pipeline works (text and chat inputs, `batch_size`, `return_full_text`, generation
-    kwargs); in addition each request gets, in `_forward`:
+    kwargs); in addition each request is prepared in `_forward` by the method of the registry
+    (`hf_specapprox.registry`) named by `method`:
 
     * `method="speckv"` (default): a fresh [`SpecKVCache`] for `generate`;
     * `method="specpc"`: its prompt compressed by [`SpecPCPreprocessor`] before `generate`;
-    * `method="speckv-pc"`: both, SpecKV reusing SpecPC's draft tokens.
+    * `method="speckv-pc"` (or `"speckv_pc"`): both, SpecKV reusing SpecPC's draft tokens ([`SpecKVPC`]);
+    * the baselines `"snapkv"`, `"streamingllm"`, `"specprefill"` and `"full"` (no compression).
 
-    Each output carries the compression numbers under the `"hf_specapprox"` key (prompt tokens, kept tokens,
-    ratio, draft seconds, and the draft/target agreement of every returned sequence). With `return_full_text=True`
-    the text starts with the user's original prompt, not the compressed one.
+    `method` and the configs can be given at construction (defaults for every call) or per call:
+    `pipe(prompt, method="specpc", specpc_config=SpecPCConfig(max_capacity_prompt=512))`.
+
+    Each output carries the compression numbers under the `"hf_specapprox"` key: `prompt_tokens` (real tokens of
+    the row), `specpc_kept_tokens` and `draft_seconds` (prompt compression), `kv_kept_per_layer` (KV compression: the
+    real prompt positions each full-attention layer and KV head kept for this row, counted as `max_capacity_prompt`
+    counts them, i.e. without the last prompt token, which is always kept; `None` when the batch's prompt fitted the
+    budget and nothing was dropped) and `draft_agreement` (of this returned sequence with the draft's tokens). With
+    `return_full_text=True` the text starts with the user's original prompt, not the compressed one.
 
     Args:
         draft_model (`PreTrainedModel`): the draft (same tokenizer as the target). Not `assistant_model`, which
-            would switch on speculative decoding.
-        method (`str`, *optional*, defaults to `"speckv"`): one of `"speckv"`, `"specpc"`, `"speckv-pc"`.
-        speckv_config ([`SpecKVConfig`], *optional*), specpc_config ([`SpecPCConfig`], *optional*): the knobs.
+            would switch on speculative decoding. Needed by every method but the draft-free baselines.
+        method (`str`, *optional*, defaults to `"speckv"`): a registered method name.
+        speckv_config ([`SpecKVConfig`], *optional*), specpc_config ([`SpecPCConfig`], *optional*),
+        snapkv_config ([`SnapKVConfig`], *optional*), streamingllm_config ([`StreamingLLMConfig`], *optional*):
+            the knobs (the config arguments of every registered method are accepted); each method reads the ones it
+            needs (SpecKV-PC both `specpc_config` and `speckv_config`).
 
     Example:
 
@@ -48,59 +58,73 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
     >>> pipe = pipeline("speckv-text-generation", model=target, tokenizer=tokenizer, draft_model=draft,
     ...                 speckv_config=hf_specapprox.SpecKVConfig(max_capacity_prompt=256))
     >>> pipe(long_prompt, max_new_tokens=32)[0]["hf_specapprox"]
+    >>> pipe(long_prompt, max_new_tokens=32, method="specpc")[0]["hf_specapprox"]
     ```
     """
 
-    def __init__(self, *args, draft_model=None, method: str = "speckv", speckv_config: SpecKVConfig | None = None,
-                 specpc_config: SpecPCConfig | None = None, **kwargs):
+    def __init__(self, *args, draft_model=None, method: str = "speckv", **kwargs):
         if kwargs.get("assistant_model") is not None:
             raise ValueError(
                 "`assistant_model` switches on speculative decoding. Pass the draft as `draft_model=` to use it for "
                 "draft-based approximate inference."
             )
-        if draft_model is None:
+        spec = get_method(method)
+        if draft_model is None and spec.uses_draft:
             raise ValueError("SpecApproxTextGenerationPipeline needs `draft_model=` (a small model of the same family).")
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-        super().__init__(*args, **kwargs)
-        check_draft_compatible(draft_model, self.model)
+        # `method` and the configs become defaults of every call through `_sanitize_parameters`.
+        super().__init__(*args, method=spec.name, **kwargs)
+        if draft_model is not None:
+            check_draft_compatible(draft_model, self.model)
         self.draft_model = draft_model
-        self.method = method
-        self.speckv_config = speckv_config or replace(DEFAULT_SPECKV)
-        self.specpc = None
-        if method != "speckv":  # SpecPC alone defaults to the paper's SpecPC knobs, the cascade to SpecKV-PC's
-            default = SpecPCConfig() if method == "specpc" else replace(DEFAULT_SPECPC)
-            self.specpc = SpecPCPreprocessor(draft_model, config=specpc_config or default)
 
-    def _forward(self, model_inputs, **generate_kwargs):
+    def _sanitize_parameters(self, method=None, **kwargs):
+        configs = {name: kwargs.pop(name) for name in CONFIG_ARGUMENTS if kwargs.get(name) is not None}
+        for name in CONFIG_ARGUMENTS:
+            kwargs.pop(name, None)
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if method is not None:
+            forward_params["method"] = get_method(method).name
+        forward_params.update(configs)
+        return preprocess_params, forward_params, postprocess_params
+
+    def _forward(self, model_inputs, method: str = "speckv", **generate_kwargs):
+        spec = get_method(method)
+        configs = {name: generate_kwargs.pop(name) for name in CONFIG_ARGUMENTS if name in generate_kwargs}
+        if spec.uses_draft and self.draft_model is None:
+            raise ValueError(f"Method {spec.name!r} needs the pipeline's `draft_model=`.")
         input_ids, attention_mask = model_inputs["input_ids"], model_inputs.get("attention_mask")
         batch = input_ids.shape[0]
         stats = [dict(prompt_tokens=int(n)) for n in (attention_mask.sum(-1) if attention_mask is not None
                                                        else [input_ids.shape[1]] * batch)]
+        prepare = spec.build(self.draft_model if spec.uses_draft else None,
+                             **{name: config for name, config in configs.items() if name in spec.config_arguments})
+        prepared = prepare(self.model, input_ids, attention_mask)
+        model_inputs = dict(model_inputs, **prepared.model_inputs)
+        compressed, cache = prepared.compressed, prepared.cache
         draft_tokens = draft_valid = None
-        if self.specpc is not None:
-            compressed = self.specpc(input_ids, attention_mask)
-            model_inputs = dict(model_inputs, input_ids=compressed.input_ids, attention_mask=compressed.attention_mask)
+        if compressed is not None:
             draft_tokens, draft_valid = compressed.draft_tokens, compressed.draft_tokens_valid
             for row, item in enumerate(stats):
                 item.update(specpc_kept_tokens=int(compressed.kept_lengths[row]), draft_seconds=compressed.draft_seconds)
-        cache = None
-        if self.method in ("speckv", "speckv-pc"):
-            cache = SpecKVCache(draft=self.draft_model, config=self.speckv_config, model=self.model,
-                                lookahead_ids=draft_tokens, lookahead_valid=draft_valid)
-            generate_kwargs[compat.cache_kwarg_name(self.model)] = cache
-        monitor = DraftAgreementMonitor(cache if cache is not None else draft_tokens, draft_valid)
-        processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
-        processors.append(monitor)
-        outputs = super()._forward(model_inputs, logits_processor=processors, **generate_kwargs)
+        generate_kwargs.update(prepared.cache_kwargs(self.model))
+        monitor = None
+        if spec.uses_draft:
+            monitor = DraftAgreementMonitor(cache if cache is not None else draft_tokens, draft_valid)
+            processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+            processors.append(monitor)
+            generate_kwargs["logits_processor"] = processors
+        outputs = super()._forward(model_inputs, **generate_kwargs)
 
         sequences = outputs["generated_sequence"]  # (batch, num_return_sequences, length)
         flat = sequences.reshape(-1, sequences.shape[-1])
         compressed_kv = cache is not None and cache.is_compressed
-        agreement = monitor.agreement(flat).reshape(batch, -1) if (compressed_kv or cache is None) else None
+        agreement = None
+        if monitor is not None and (compressed_kv or cache is None):
+            agreement = monitor.agreement(flat).reshape(batch, -1)
+        kept = _real_kept_per_row(cache, batch) if compressed_kv else None
         for row, item in enumerate(stats):
             if cache is not None:
-                item["kv_kept_per_layer"] = self.speckv_config.max_capacity_prompt if compressed_kv else None
+                item["kv_kept_per_layer"] = None if kept is None else kept[row]
             item["draft_agreement"] = None if agreement is None else agreement[row].tolist()
         outputs[STATS_KEY] = stats
         return outputs
@@ -116,6 +140,24 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
                 item["draft_agreement"] = item["draft_agreement"][index]
             record[STATS_KEY] = item
         return records
+
+
+def _real_kept_per_row(cache, batch: int) -> list[int]:
+    """Real (non-padding) prompt positions kept per full-attention layer and KV head, for each of the `batch` input
+    rows, counted as `max_capacity_prompt` counts them (the re-fed last prompt token apart). The cache may hold
+    `batch * k` rows (beams, `num_return_sequences`): the `k` copies of an input row share its prompt, so the first
+    copy speaks for it. The smallest count over layers and heads is reported (they agree: padding scores lowest)."""
+    counts = []
+    for layer_idx in range(len(cache.layers)):
+        kept = cache.kept_positions(layer_idx)  # (rows, kv_heads, kept), positions in the left-padded prompt
+        if kept is None:
+            continue
+        mask = cache.prompt_mask.to(kept.device).bool()  # (rows, prompt_length)
+        real = mask.gather(1, kept.reshape(kept.shape[0], -1)).reshape(kept.shape).sum(-1)  # (rows, kv_heads)
+        counts.append(real.amin(-1))
+    per_cache_row = torch.stack(counts).amin(0)
+    copies = per_cache_row.shape[0] // batch
+    return [int(per_cache_row[row * copies]) for row in range(batch)]
 
 
 PIPELINE_REGISTRY.register_pipeline(

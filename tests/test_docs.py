@@ -69,7 +69,7 @@ def test_bash_blocks_marked_run_do_run(page, tmp_path):
                 continue
             argv = shlex.split(command)
             if argv[0] == "hf-specapprox":  # the console script of the environment under test
-                argv = [sys.executable, "-m", "hf_specapprox.cli", *argv[1:]]
+                argv = [sys.executable, "-m", "hf_specapprox_eval.cli", *argv[1:]]
             done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, f"{page.name}: `{command}` failed:\n{done.stderr[-3000:]}"
 

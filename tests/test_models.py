@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hf_specapprox import models
+from hf_specapprox_eval import models
 
 
 def fake_model(tmp_path, monkeypatch, parts, corrupt=False):
@@ -60,7 +60,7 @@ def test_pinned_pair_is_the_documented_one():
 @pytest.mark.skipif(os.environ.get("HF_SPECAPPROX_REAL_MODEL") != "1",
                     reason="opt-in: set HF_SPECAPPROX_REAL_MODEL=1 with the part packages installed (minutes)")
 def test_real_pair_answers_a_needle_question_with_speckv():
-    from hf_specapprox.eval import make_sample, run_method, score
+    from hf_specapprox_eval import make_sample, run_method, score
 
     target, draft, tokenizer = models.load_embedded_pair()
     sample = make_sample("niah_single", 0, tokenizer, 1024)

@@ -162,8 +162,8 @@ def test_all_protected_prompt_is_kept_whole():
 def test_window_longer_than_prompt_is_handled():
     draft = tiny_model("llama", seed=16, num_layers=2)
     ids, mask = random_batch(2, 10, [0, 6], seed=17)
-    out = hs.SpecPCPreprocessor(draft, max_capacity_prompt=3, window_size=64, starting_layer_index=0)(ids, mask)
-    assert out.kept_lengths.tolist() == [10, 4]  # the window alone exceeds the budget: all is window
+    out = hs.SpecPCPreprocessor(draft, max_capacity_prompt=12, window_size=12, starting_layer_index=0)(ids, mask)
+    assert out.kept_lengths.tolist() == [10, 4]  # the window covers every row: all is window
 
 
 def test_bad_inputs():

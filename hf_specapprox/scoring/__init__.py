@@ -11,10 +11,14 @@ import importlib.util
 import os
 from functools import lru_cache
 
+from transformers.utils import logging
+
 from .reference import window_scores_torch
 from .select import pool_scores, select_kept_positions
 
 IMPLEMENTATIONS = ("auto", "torch", "triton")
+
+logger = logging.get_logger(__name__)
 
 
 @lru_cache(maxsize=None)
@@ -44,6 +48,12 @@ def window_scores(queries, keys, *, implementation: str = "auto", **kwargs):
         raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}.")
     if implementation == "auto":
         implementation = "triton" if queries.is_cuda and triton_is_usable() else "torch"
+        if queries.is_cuda and implementation == "torch":
+            logger.warning_once(
+                "hf_specapprox scoring: Triton is not usable here (not installed, or no working driver), so the "
+                "chunked torch reference scores CUDA tensors; it is exact but slower. `pip install triton`, or pass "
+                "scoring_implementation='torch' to choose it explicitly."
+            )
     if implementation == "triton":
         if not triton_is_usable():
             raise RuntimeError(

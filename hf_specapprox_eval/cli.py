@@ -4,9 +4,9 @@
     hf-specapprox demo                              # full target vs SpecKV vs SpecPC vs SpecKV-PC on a long prompt
     hf-specapprox eval --tasks niah_single vt --methods full speckv snapkv --budgets 128 256 --lengths 2048
     hf-specapprox bench --methods full speckv snapkv specpc --length 2048   # seconds + peak memory, fresh processes
-    hf-specapprox compress notes.txt --budget 512   # SpecPC on a text file -> compressed text + stats JSON
+    hf-specapprox compress notes.txt --budget 512   # SpecPC on a text file -> notes.compressed.txt + .stats.json
 
-Models: the embedded Qwen2.5-Coder pair by default (see `hf_specapprox.models`), `--target PATH --draft PATH` for
+Models: the embedded Qwen2.5-Coder pair by default (see `hf_specapprox_eval.models`), `--target PATH --draft PATH` for
 local checkpoints, or `--tiny` for random tiny models (seconds; for trying the commands).
 """
 
@@ -22,11 +22,56 @@ import time
 from pathlib import Path
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (budgets, lengths, counts); anything else is a one-line usage error."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {number}")
+    return number
+
+
+def _read_text(path: str) -> str:
+    """The text of `path`, or a one-line `SystemExit` when it is missing, unreadable, not text or empty."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"hf-specapprox: error: {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"hf-specapprox: error: {path}: not UTF-8 text") from None
+    except OSError as error:
+        raise SystemExit(f"hf-specapprox: error: {path}: cannot read it ({error.strerror or error})") from None
+    if not text.strip():
+        raise SystemExit(f"hf-specapprox: error: {path}: the file is empty, nothing to compress")
+    return text
+
+
+def compress_output_paths(file: str, out: str | None) -> tuple[Path, Path]:
+    """Where `compress` writes the compressed text (`--out`, default `<file stem>.compressed.txt`) and its stats
+    (the text path with the suffix `.stats.json`); a `SystemExit` if either would overwrite the input or each
+    other."""
+    source = Path(file)
+    text_path = Path(out) if out else source.with_suffix(".compressed.txt")
+    stats_path = text_path.with_suffix(".stats.json")
+    for path in (text_path, stats_path):
+        if path.is_dir():
+            raise SystemExit(f"hf-specapprox: error: {path} is a folder; --out takes a file path")
+    taken = {source.resolve(): "the input file"}
+    for path, what in ((text_path, "--out"), (stats_path, "the stats file")):
+        if path.resolve() in taken:
+            raise SystemExit(f"hf-specapprox: error: {what} {path} would overwrite {taken[path.resolve()]}; "
+                             f"choose another --out")
+        taken[path.resolve()] = what
+    return text_path, stats_path
+
+
 def _add_model_args(parser):
     parser.add_argument("--target", help="local target checkpoint directory")
     parser.add_argument("--draft", help="local draft checkpoint directory (same tokenizer)")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (for trying the commands)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
 
 
 def _models(args):
@@ -35,7 +80,7 @@ def _models(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:
-        from .testing import tiny_pair, tiny_tokenizer
+        from hf_specapprox.testing import tiny_pair, tiny_tokenizer
 
         target, draft = tiny_pair()
         return target, draft, tiny_tokenizer()
@@ -48,8 +93,8 @@ def cmd_env(args) -> int:
     import torch
     import transformers
 
-    from . import __version__
-    from .scoring import triton_is_usable
+    from hf_specapprox import __version__
+    from hf_specapprox.scoring import triton_is_usable
 
     try:
         import triton
@@ -88,12 +133,12 @@ def _parse_shard(value: str | None):
 
 
 def cmd_eval(args) -> int:
-    from .eval import markdown_table, plot, run_eval, summarize
+    from . import markdown_table, plot, run_eval, summarize
 
     shard = _parse_shard(args.shard)
     out = Path(args.out)
     if args.summarize_only:
-        from .eval.runner import read_merged_results
+        from .runner import read_merged_results
 
         wanted = {(t, i, length) for length in args.lengths for t in args.tasks for i in range(args.samples)}
         rows = [row for row in read_merged_results(out / "results.jsonl")
@@ -124,7 +169,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from .eval import make_sample, run_method, score
+    from . import make_sample, run_method, score
 
     target, draft, tokenizer = _models(args)
     sample = make_sample("niah_single", 0, tokenizer, args.length)
@@ -147,7 +192,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .eval import bench_table, run_bench
+    from . import bench_table, run_bench
 
     rows = run_bench(args.methods, target=args.target, draft=args.draft, tiny=args.tiny, length=args.length,
                      budget=args.budget, pc_budget=args.pc_budget, max_new_tokens=args.max_new_tokens,
@@ -163,24 +208,26 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from .specpc import SpecPCPreprocessor
+    from hf_specapprox.specpc import SpecPCPreprocessor
 
+    from .methods import specpc_window, voting_layer
+
+    text = _read_text(args.file)  # bad files and paths fail before the models load
+    text_path, stats_path = compress_output_paths(args.file, args.out)
     _, draft, tokenizer = _models(args)
-    text = Path(args.file).read_text()
-    layers = draft.config.get_text_config(decoder=True).num_hidden_layers
     specpc = SpecPCPreprocessor(draft, tokenizer=tokenizer, max_capacity_prompt=args.budget,
-                                starting_layer_index=min(8, layers - 1))
+                                window_size=specpc_window(args.budget), starting_layer_index=voting_layer(draft))
     compressed_text, output = specpc.compress_text(text)
-    out = Path(args.out or Path(args.file).with_suffix(".compressed.txt"))
-    out.write_text(compressed_text)
+    text_path.write_text(compressed_text, encoding="utf-8")
     stats = {key: (value[0] if isinstance(value, list) else value) for key, value in output.stats.items()}
-    out.with_suffix(".json").write_text(json.dumps(stats, indent=1))
+    stats_path.write_text(json.dumps(stats, indent=1))
     print(json.dumps(stats))
+    print(f"compressed text: {text_path}, stats: {stats_path}", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval import METHODS, TASKS
+    from . import METHODS, TASKS
 
     parser = argparse.ArgumentParser(prog="hf-specapprox", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,22 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="all methods on one long prompt")
     _add_model_args(demo)
-    demo.add_argument("--length", type=int, default=2048)
-    demo.add_argument("--budget", type=int, default=128)
-    demo.add_argument("--pc-budget", type=int, default=512)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--length", type=positive_int, default=2048)
+    demo.add_argument("--budget", type=positive_int, default=128)
+    demo.add_argument("--pc-budget", type=positive_int, default=512)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=24)
     demo.set_defaults(func=cmd_demo)
 
     evaluate = commands.add_parser("eval", help="the offline evaluation harness")
     _add_model_args(evaluate)
     evaluate.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "vt", "qa"], choices=TASKS)
     evaluate.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv"], choices=sorted(METHODS))
-    evaluate.add_argument("--budgets", nargs="+", type=int, default=[128, 256], help="KV budgets")
-    evaluate.add_argument("--prompt-budgets", nargs="+", type=int, default=[512, 1024],
+    evaluate.add_argument("--budgets", nargs="+", type=positive_int, default=[128, 256], help="KV budgets")
+    evaluate.add_argument("--prompt-budgets", nargs="+", type=positive_int, default=[512, 1024],
                           help="prompt budgets of SpecPC and SpecPrefill")
-    evaluate.add_argument("--pc-budget", type=int, default=1024, help="SpecKV-PC's first-stage prompt budget")
-    evaluate.add_argument("--lengths", nargs="+", type=int, default=[2048])
-    evaluate.add_argument("--samples", type=int, default=8)
+    evaluate.add_argument("--pc-budget", type=positive_int, default=1024, help="SpecKV-PC's first-stage prompt budget")
+    evaluate.add_argument("--lengths", nargs="+", type=positive_int, default=[2048])
+    evaluate.add_argument("--samples", type=positive_int, default=8)
     evaluate.add_argument("--haystack", choices=["noise", "essay"], default="noise")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="specapprox-eval")
@@ -219,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv", "specpc", "speckv_pc"],
                        choices=sorted(METHODS))
     bench.add_argument("--task", default="niah_single", choices=TASKS)
-    bench.add_argument("--length", type=int, default=2048)
-    bench.add_argument("--budget", type=int, default=128, help="KV budget")
-    bench.add_argument("--pc-budget", type=int, default=512, help="prompt budget")
-    bench.add_argument("--max-new-tokens", type=int, default=24)
+    bench.add_argument("--length", type=positive_int, default=2048)
+    bench.add_argument("--budget", type=positive_int, default=128, help="KV budget")
+    bench.add_argument("--pc-budget", type=positive_int, default=512, help="prompt budget")
+    bench.add_argument("--max-new-tokens", type=positive_int, default=24)
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--out", help="folder for bench.json and bench.md")
     bench.set_defaults(func=cmd_bench)
@@ -230,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="SpecPC on a text file")
     _add_model_args(compress)
     compress.add_argument("file")
-    compress.add_argument("--budget", type=int, default=1024)
-    compress.add_argument("--out")
+    compress.add_argument("--budget", type=positive_int, default=1024,
+                          help="prompt tokens kept (SpecPC's window is min(64, budget))")
+    compress.add_argument("--out", help="compressed text (default: FILE with suffix .compressed.txt); "
+                          "the stats go beside it, suffix .stats.json")
     compress.set_defaults(func=cmd_compress)
     return parser
 

@@ -1,7 +1,7 @@
 """`hf-specapprox bench`: seconds and peak memory per method, each method in a fresh process.
 
 Peak resident memory is a per-process number, so every method runs in its own child process (`python -m
-hf_specapprox.eval.bench`) that loads the models, resets the kernel's peak-RSS counter (Linux `clear_refs`), runs
+hf_specapprox_eval.bench`) that loads the models, resets the kernel's peak-RSS counter (Linux `clear_refs`), runs
 the method on one prompt and reports:
 
 * `seconds`: wall time of the method, models already loaded and warmed up on a short prompt;
@@ -61,12 +61,12 @@ def measure(method: str, *, target: str | None, draft: str | None, tiny: bool, l
     if threads:
         torch.set_num_threads(threads)
     if tiny:
-        from ..testing import tiny_pair, tiny_tokenizer
+        from hf_specapprox.testing import tiny_pair, tiny_tokenizer
 
         target_model, draft_model = tiny_pair()
         tokenizer = tiny_tokenizer()
     else:
-        from ..models import load_pair
+        from .models import load_pair
 
         target_model, draft_model, tokenizer = load_pair(target, draft)
     target_model, draft_model = target_model.to(device), draft_model.to(device)
@@ -126,7 +126,7 @@ def run_bench(methods, *, target=None, draft=None, tiny=False, length=2048, budg
         job = dict(method=method, target=target, draft=draft, tiny=tiny, length=length, task=task, threads=threads, device=device,
                    budget=None if kind is None else (budget if kind == "kv" else pc_budget),
                    pc_budget=pc_budget, max_new_tokens=max_new_tokens)
-        done = subprocess.run([sys.executable, "-m", "hf_specapprox.eval.bench", json.dumps(job)],
+        done = subprocess.run([sys.executable, "-m", "hf_specapprox_eval.bench", json.dumps(job)],
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
         if done.returncode != 0:

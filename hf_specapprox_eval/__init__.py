@@ -1,4 +1,6 @@
-"""Offline evaluation: RULER-style synthetic tasks, RULER's metrics, every method behind one call, a resumable runner."""
+"""Evaluation beside the library: RULER-style synthetic tasks, RULER's metrics, every method of the registry behind one
+call, a resumable runner, per-process benchmarks, the `hf-specapprox` CLI (`cli`) and the embedded-model loader
+(`models`). `import hf_specapprox` never imports this package."""
 
 from .bench import bench_table, run_bench
 from .methods import METHODS, run_method

@@ -1,0 +1,119 @@
+"""Every method of the study behind one call: `run_method(name, ...)` → the answer's token ids and numbers."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import torch
+from transformers.utils import logging
+
+from hf_specapprox.config import SpecKVConfig, SpecPCConfig
+from hf_specapprox.registry import METHODS as REGISTRY
+from hf_specapprox.registry import get_method
+
+logger = logging.get_logger(__name__)
+
+#: name -> what its budget means ("kv": KV pairs per layer and head, "prompt": prompt tokens, None: no budget): every
+#: method of the registry (`hf_specapprox.registry`), plus `draft` (the draft model answering alone, a reference).
+METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()}}
+
+#: SpecPC's window in the paper; smaller budgets get a window as large as the budget.
+SPECPC_WINDOW = 64
+
+
+def clamp_knob(name: str, value: int, limit: int, reason: str) -> int:
+    """`min(value, limit)`, with a one-time warning through transformers' logger when it changes `value`."""
+    if value <= limit:
+        return value
+    logger.warning_once(f"{name} lowered from {value} to {limit}: {reason}.")
+    return limit
+
+
+def _greedy(model, input_ids, attention_mask, max_new_tokens, **kwargs):
+    """The same decoding for every method: greedy, no repetition penalty, exactly the answer budget."""
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                          do_sample=False, num_beams=1, repetition_penalty=1.0, temperature=None, top_p=None,
+                          top_k=None, **kwargs)
+
+
+def voting_layer(draft, preferred: int = 8) -> int:
+    """SpecPC's first voting layer: the paper's 8, or the draft's last layer when it has fewer."""
+    layers = draft.config.get_text_config(decoder=True).num_hidden_layers
+    return clamp_knob("SpecPC's `starting_layer_index`", preferred, layers - 1, f"the draft has {layers} layers")
+
+
+def specpc_window(budget: int) -> int:
+    """SpecPC's window for a prompt budget: 64, or the budget when it is smaller (the window is part of it)."""
+    return clamp_knob("SpecPC's `window_size`", SPECPC_WINDOW, budget, f"the prompt budget is {budget} tokens")
+
+
+def _stage_config(config_class, spec_name: str, draft, *, budget: int, window_size: int, max_new_tokens: int):
+    """One config of `config_class` for `budget`: SpecPC-like configs get SpecPC's window (and, but for SpecPrefill,
+    the draft's voting layers); attention-window configs a window below the budget; SpecKV the answer length as its
+    lookahead. Any other config (a new KV method) gets its budget and its defaults."""
+    names = {field.name for field in fields(config_class)}
+    knobs = {"max_capacity_prompt": budget}
+    if issubclass(config_class, SpecPCConfig):
+        knobs["window_size"] = specpc_window(budget)
+        if spec_name != "specprefill":  # SpecPrefill reads only the budget
+            knobs["starting_layer_index"] = voting_layer(draft)
+        return config_class(**knobs)
+    if "window_size" in names:
+        knobs["window_size"] = clamp_knob("`window_size`", window_size, budget - 1, f"the KV budget is {budget}")
+    if issubclass(config_class, SpecKVConfig):
+        knobs["lookahead_tokens"] = max_new_tokens
+    return config_class(**knobs)
+
+
+def method_configs(name: str, draft, *, budget: int | None, max_new_tokens: int, pc_budget: int = 1024,
+                   window_size: int = 32) -> dict:
+    """The configs the harness gives method `name` of the registry (keyword → config), from its budgets: every
+    config of the method gets `budget` (see [`_stage_config`]), except SpecKV-PC's first stage, which gets
+    `pc_budget`, kernel 32 and the answer length as draft tokens (the released configs)."""
+    spec = get_method(name)
+    configs = {argument: _stage_config(config_class, spec.name, draft, budget=budget, window_size=window_size,
+                                       max_new_tokens=max_new_tokens)
+               for argument, config_class in zip(spec.config_arguments, spec.config_classes)}
+    if spec.name == "speckv_pc":
+        configs["specpc_config"] = replace(
+            _stage_config(SpecPCConfig, spec.name, draft, budget=pc_budget, window_size=window_size,
+                          max_new_tokens=max_new_tokens),
+            kernel_size=32, lookahead_tokens=max_new_tokens,
+        )
+    return configs
+
+
+@torch.no_grad()
+def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: int | None, max_new_tokens: int,
+               pc_budget: int = 1024, window_size: int = 32):
+    """Runs one method on a (batch of) prompt(s).
+
+    Args:
+        name: `draft` or a method of the registry (`hf_specapprox.registry.METHODS`).
+        budget: KV pairs per layer and KV head for KV methods (SpecKV-PC's second stage too), prompt tokens for
+            prompt-compression methods; ignored by `full` and `draft`.
+        pc_budget: SpecKV-PC's first-stage prompt budget.
+        window_size: SpecKV/SnapKV window (lowered below the budget, with a warning).
+
+    Returns:
+        `(new_tokens, stats)`: `(batch, n)` answer token ids and a dict of numbers.
+    """
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose from {sorted(METHODS)}.")
+    stats = {}
+    if name == "draft":
+        sequences = _greedy(draft, input_ids, attention_mask, max_new_tokens)
+        return sequences[:, input_ids.shape[1] :], stats
+    spec = get_method(name)
+    configs = method_configs(spec.name, draft, budget=budget, max_new_tokens=max_new_tokens, pc_budget=pc_budget,
+                             window_size=window_size)
+    prepared = spec.build(draft if spec.uses_draft else None, **configs)(target, input_ids, attention_mask)
+    sequences = _greedy(target, prepared.input_ids, prepared.attention_mask, max_new_tokens,
+                        **prepared.cache_kwargs(target))
+    if prepared.compressed is not None:
+        stats["kept_tokens"] = prepared.compressed.kept_lengths.tolist()
+        if prepared.cache is None:
+            stats["draft_seconds"] = prepared.compressed.draft_seconds
+    if prepared.cache is not None:
+        stats["kv_bytes"] = prepared.cache.cache_bytes()
+    return sequences[:, prepared.input_ids.shape[1] :], stats
