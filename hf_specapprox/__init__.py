@@ -5,6 +5,7 @@ from .binding import bind, is_bound, unbind
 from .cascade import SpecKVPC
 from .cache import PromptCompressionCache, UnboundCacheError
 from .layers import CompressedKVLayer
+from .static_layers import StaticCacheOverflowError, StaticCompressedLayer
 from .config import AttentionSelectionConfig, KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
 from .monitor import DraftAgreementMonitor
 from .pipeline import SpecApproxTextGenerationPipeline
@@ -32,6 +33,8 @@ __all__ = [
     "SpecPCOutput",
     "SpecPCPreprocessor",
     "SpecPrefillPreprocessor",
+    "StaticCacheOverflowError",
+    "StaticCompressedLayer",
     "StreamingLLMCache",
     "StreamingLLMConfig",
     "UnboundCacheError",

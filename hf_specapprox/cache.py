@@ -18,7 +18,19 @@ from transformers.cache_utils import Cache
 from . import compat, prefill, scoring
 from .binding import ModelBoundCache, bind
 from .config import KVSelectionConfig
-from .layers import CompressedKVLayer
+from .layers import CompressedKVLayer, build_layers
+from .static_layers import StaticCompressedLayer
+
+def _expand_size(model_kwargs: dict, generation_config) -> int:
+    """How many times `generate` repeats each prompt row (beams, or returned sequences when not beam searching)."""
+    def setting(name):
+        value = model_kwargs.get(name)
+        return value if value is not None else getattr(generation_config, name, None)
+
+    beams = setting("num_beams") or 1
+    sequences = setting("num_return_sequences") or 1
+    return beams if beams > 1 else sequences
+
 
 class UnboundCacheError(RuntimeError):
     """Raised when a compressing cache reaches a model forward without having seen the prompt."""
@@ -57,13 +69,20 @@ class PromptCompressionCache(ModelBoundCache, Cache):
     # ----------------------------------------------------------------------------------------------------------------
     @property
     def is_compileable(self) -> bool:
-        return False
+        """True only once the static compressed layers are in place (see [`use_static_decode`])."""
+        return self.is_static
+
+    @property
+    def is_static(self) -> bool:
+        """Whether the full-attention layers are static compressed layers (fixed shapes, compileable decoding)."""
+        return bool(self.layers) and any(isinstance(layer, StaticCompressedLayer) for layer in self.layers)
 
     @property
     def is_compressed(self) -> bool:
         """Whether the last prefill dropped prompt positions."""
         return any(
-            isinstance(layer, CompressedKVLayer) and layer.kept_positions is not None for layer in self.layers
+            isinstance(layer, (CompressedKVLayer, StaticCompressedLayer)) and layer.kept_positions is not None
+            for layer in self.layers
         )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -84,9 +103,14 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         return self.layers[layer_idx].get_mask_sizes(query_length_or_cache_position)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return -1
+        return self._static_capacity(layer_idx)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self._static_capacity(layer_idx or 0)
+
+    def _static_capacity(self, layer_idx: int) -> int:
+        if self.layers and isinstance(self.layers[layer_idx], StaticCompressedLayer):
+            return self.layers[layer_idx].capacity
         return -1
 
     def crop(self, max_length: int) -> None:
@@ -233,9 +257,13 @@ class PromptCompressionCache(ModelBoundCache, Cache):
             raise ValueError(f"`expand_size` must be >= 1, got {expand_size}.")
         self.reset()
         attention_mask = prefill.check_prompt(self, input_ids, attention_mask)
+        if self.static_decode_tokens is not None:
+            self._check_static_model(model)
         prefill.fill_cache(self, model, input_ids, attention_mask)
         if expand_size > 1:
             self.batch_repeat_interleave(expand_size)
+        if self.static_decode_tokens is not None:
+            self._install_static_layers()
 
     def _prepare_generate(self, model, input_ids, model_kwargs: dict, generation_config) -> None:
         """Called by a bound model's `generate` before anything else: refuse what cannot be served, and forget the
@@ -250,6 +278,13 @@ class PromptCompressionCache(ModelBoundCache, Cache):
             return
         if not self.continues(input_ids, model_kwargs.get("attention_mask")):
             self.reset()
+            if self.static_decode_tokens is not None:
+                self._check_static_generation(model_kwargs, generation_config)
+                # Static decoding needs its layers before generate decides to compile and builds fixed-shape masks,
+                # so the bound model runs the explicit prefill step here instead of in its forward pre-hook.
+                self.prepare_prefill(
+                    model, input_ids, model_kwargs, generation_config, expand_size=_expand_size(model_kwargs, generation_config)
+                )
 
     def _check_continuation(self, input_ids, attention_mask) -> None:
         """Refuses a forward that cannot continue the held sequence (wrong batch or mask length)."""
@@ -282,6 +317,91 @@ class PromptCompressionCache(ModelBoundCache, Cache):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
         return total
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Static decoding: fixed-shape layers after the prefill, so the decode forward can be compiled
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def static_decode_tokens(self) -> int | None:
+        """The `max_new_tokens` the static layers are sized for, or `None` for the dynamic path (the default)."""
+        return getattr(self, "_static_decode_tokens", None)
+
+    def use_static_decode(self, max_new_tokens: int | None):
+        """Decode on static compressed layers: after each compressing prefill, every full-attention layer moves its
+        rows into preallocated buffers of `max_capacity_prompt + 1 + max_new_tokens` rows with an in-place row
+        counter. Decoding then runs at fixed shapes, `is_compileable` is True, and `generate` compiles the decode
+        forward where it compiles for transformers' `StaticCache` (on GPU; on CPU when given a
+        `compile_config` with `_compile_all_devices=True`), or wrap the forward in `torch.compile` yourself.
+
+        The static layers are installed by [`prepare_prefill`] (a bound model's `generate` runs that step itself).
+        They serve greedy, sampling and beam search (beams are reordered in place) for at most `max_new_tokens`
+        tokens after the prompt; a forward that would grow past the buffers raises `StaticCacheOverflowError` instead
+        of reallocating. What they do not serve, and which stays on the dynamic path (`use_static_decode(None)`):
+        models with sliding-window or chunked-attention layers, models that build their own compiled-decoding mask
+        (`_prepare_4d_causal_attention_mask_with_cache_position`), growing a cache across `generate` calls, and
+        assisted decoding. Those are refused with an error when the prefill runs.
+
+        Args:
+            max_new_tokens (`int` or `None`): the most tokens any `generate` call on this cache will add (the last
+                prompt token, re-fed by `generate`, is accounted for separately). `None` switches back to dynamic.
+
+        Returns:
+            The cache itself.
+
+        Example:
+
+        ```python
+        >>> cache = SnapKVCache(max_capacity_prompt=256).use_static_decode(max_new_tokens=64)
+        >>> cache.prepare_prefill(model, inputs["input_ids"], {"attention_mask": inputs["attention_mask"]})
+        >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        ```
+        """
+        if max_new_tokens is not None:
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"`max_new_tokens` must be a positive integer or None, got {max_new_tokens!r}.")
+        self._static_decode_tokens = max_new_tokens
+        return self
+
+    def _check_static_model(self, model) -> None:
+        """Refuses, before any work, models the static compressed layers cannot serve."""
+        name = type(self).__name__
+        reason = compat.static_decode_unsupported_reason(model)
+        if reason is None:
+            others = sorted({type(layer).__name__ for layer in build_layers(model.config)
+                             if not isinstance(layer, CompressedKVLayer)})
+            if others:
+                reason = f"this model has {others} cache layers (sliding-window or chunked attention)"
+        if reason is not None:
+            raise ValueError(
+                f"{name}.use_static_decode: {reason}, which the static compressed cache does not serve. Use the "
+                "dynamic path for this model: `cache.use_static_decode(None)`."
+            )
+
+    def _check_static_generation(self, model_kwargs: dict, generation_config) -> None:
+        """Refuses a `generate` call that asks for more tokens than the static layers are sized for."""
+        requested = model_kwargs.get("max_new_tokens")
+        if requested is None:
+            requested = getattr(generation_config, "max_new_tokens", None)
+        if requested is not None and requested > self.static_decode_tokens:
+            raise ValueError(
+                f"This call asks for max_new_tokens={requested}, but the static compressed cache was sized for "
+                f"{self.static_decode_tokens} (`use_static_decode`). The buffers never grow: call "
+                f"`cache.use_static_decode({requested})`, or use the dynamic path (`use_static_decode(None)`)."
+            )
+        if (model_kwargs.get("assistant_model") is not None or model_kwargs.get("prompt_lookup_num_tokens")
+                or getattr(generation_config, "prompt_lookup_num_tokens", None)):
+            raise ValueError(
+                "Assisted decoding with a static compressed cache is not supported (its candidates and rejections "
+                "change the rows per step). Use the dynamic path: `cache.use_static_decode(None)`."
+            )
+
+    def _install_static_layers(self) -> None:
+        """Replaces every compressed full-attention layer by a static one sized for the configured decode length."""
+        budget = self.config.max_capacity_prompt
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, CompressedKVLayer):
+                capacity = max(budget, layer.num_rows) + 1 + self.static_decode_tokens
+                self.layers[index] = StaticCompressedLayer.from_layer(layer, capacity)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Hooks for subclasses
@@ -324,6 +444,10 @@ class PromptCompressionCache(ModelBoundCache, Cache):
     # The compressing prefill, run from the bound model's forward pre-hook (see binding.py)
     # ----------------------------------------------------------------------------------------------------------------
     def _prepare_forward(self, model, args: tuple, kwargs: dict[str, Any]):
+        if self.static_decode_tokens is not None and compat.is_compiling():
+            # A compiled decode step on the static layers: no Python bookkeeping inside the graph. The consumed ids
+            # then stop at the eager forwards, so a later call is taken for a new prompt (never a wrong continuation).
+            return None
         return prefill.prepare_forward(self, model, args, kwargs)
 
     def _validate_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:

@@ -109,3 +109,28 @@ def keep_extra_generation_attributes(generation_config) -> None:
     """
     if getattr(generation_config, "_from_model_config", False):
         generation_config._from_model_config = False
+
+
+def is_compiling() -> bool:
+    """Whether the code runs inside a `torch.compile` trace (dynamo folds this to a constant)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return False
+
+
+def static_decode_unsupported_reason(model) -> str | None:
+    """Why the static compressed cache cannot serve `model` on this transformers version, or `None` if it can.
+
+    The static layers report `(capacity, offset)` as mask sizes, so masks must come from transformers' general mask
+    API (`masking_utils`, which reads `kv_offset`). A model that still builds its compiled-decoding mask with its own
+    `_prepare_4d_causal_attention_mask_with_cache_position` (some models on transformers 4.x) assumes offset 0 and
+    would see the wrong slots.
+    """
+    for module in (model, getattr(model, "base_model", None)):
+        if module is not None and hasattr(module, "_prepare_4d_causal_attention_mask_with_cache_position"):
+            return (
+                f"{type(module).__name__} builds its own compiled-decoding mask "
+                "(`_prepare_4d_causal_attention_mask_with_cache_position`), which ignores the cache's mask offset"
+            )
+    return None
