@@ -37,6 +37,13 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} ({value!r}).")
 
 
+def _check_token_sequence(value) -> None:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"`protected_token_ids` must be a sequence of token ids (or None), got {type(value).__name__} ({value!r})."
+        )
+
+
 def _token_id(value) -> int:
     """An integer token id (Python, numpy or 0-d tensor integers), never a bool or a float."""
     if isinstance(value, bool):
@@ -388,11 +395,7 @@ class SpecPCConfig(ConfigMixin):
     def __post_init__(self):
         if self.protected_token_ids is None:
             self.protected_token_ids = ()
-        if isinstance(self.protected_token_ids, (str, bytes)) or not hasattr(self.protected_token_ids, "__iter__"):
-            raise TypeError(
-                f"`protected_token_ids` must be a sequence of token ids (or None), got "
-                f"{type(self.protected_token_ids).__name__} ({self.protected_token_ids!r})."
-            )
+        _check_token_sequence(self.protected_token_ids)
         self.protected_token_ids = tuple(_token_id(i) for i in self.protected_token_ids)
         self.validate()
 
@@ -415,6 +418,7 @@ class SpecPCConfig(ConfigMixin):
         _check_positive_int("starting_layer_index", self.starting_layer_index, minimum=0)
         _check_bool("weighted_query", self.weighted_query)
         _check_positive_int("num_sink_tokens", self.num_sink_tokens, minimum=0)
+        _check_token_sequence(self.protected_token_ids or ())
         for token_id in self.protected_token_ids or ():
             _check_positive_int("protected_token_ids[...]", token_id, minimum=0)
         _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)

@@ -12,17 +12,19 @@ import hf_specapprox as hs
 from hf_specapprox.config import GENERATION_CONFIG_KEY
 
 # One non-default instance per config class, with its fields written out by hand (the oracle for `to_dict`).
+SPARSE_DEFAULTS = {"sparse_prefill": "off", "sparse_prefill_threshold": 4096, "prefill_vertical_size": 2048,
+                   "prefill_window_size": 2048, "prefill_block_size": 64}
 CASES = [
     (hs.KVSelectionConfig(max_capacity_prompt=77), {"max_capacity_prompt": 77}),
     (hs.AttentionSelectionConfig(max_capacity_prompt=90, window_size=9, kernel_size=3, pool_type="mean"),
      {"max_capacity_prompt": 90, "window_size": 9, "kernel_size": 3, "pool_type": "mean", "reduction_type": "max",
-      "scoring_implementation": "auto"}),
+      "scoring_implementation": "auto", **SPARSE_DEFAULTS}),
     (hs.SpecKVConfig(max_capacity_prompt=128, window_size=16, lookahead_tokens=0, scoring_implementation="torch"),
      {"max_capacity_prompt": 128, "window_size": 16, "kernel_size": 7, "pool_type": "max", "reduction_type": "max",
-      "scoring_implementation": "torch", "lookahead_tokens": 0}),
+      "scoring_implementation": "torch", **SPARSE_DEFAULTS, "lookahead_tokens": 0, "sparse_prefill": "auto"}),
     (hs.SnapKVConfig(max_capacity_prompt=64, window_size=8),
      {"max_capacity_prompt": 64, "window_size": 8, "kernel_size": 7, "pool_type": "mean", "reduction_type": "mean",
-      "scoring_implementation": "auto"}),
+      "scoring_implementation": "auto", **SPARSE_DEFAULTS}),
     (hs.StreamingLLMConfig(max_capacity_prompt=40, num_sink_tokens=0), {"max_capacity_prompt": 40, "num_sink_tokens": 0}),
     (hs.SpecPCConfig(max_capacity_prompt=300, window_size=30, kernel_size=8, neighbor_tokens=2, weighted_query=False,
                      protected_token_ids=(5, 1), num_sink_tokens=2, starting_layer_index=1),
