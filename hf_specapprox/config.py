@@ -418,8 +418,11 @@ class SpecPCConfig(ConfigMixin):
         _check_positive_int("starting_layer_index", self.starting_layer_index, minimum=0)
         _check_bool("weighted_query", self.weighted_query)
         _check_positive_int("num_sink_tokens", self.num_sink_tokens, minimum=0)
-        _check_token_sequence(self.protected_token_ids or ())
-        for token_id in self.protected_token_ids or ():
+        protected = self.protected_token_ids
+        if protected is None or (isinstance(protected, int) and not isinstance(protected, bool)):
+            protected = () if protected is None else (protected,)  # an edit to None or to one id is read as such
+        _check_token_sequence(protected)
+        for token_id in protected:
             _check_positive_int("protected_token_ids[...]", token_id, minimum=0)
         _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
 

@@ -193,7 +193,7 @@ def test_specpc_protected_masks_and_ids(draft):
     specpc.config.protected_token_ids = "w5"
     refused_before_the_draft(draft, specpc, ids, mask, error=TypeError, match="sequence of token ids")
     specpc.config.protected_token_ids = [5, "w5"]
-    refused_before_the_draft(draft, specpc, ids, mask, error=TypeError, match="must hold ints")
+    refused_before_the_draft(draft, specpc, ids, mask, error=TypeError, match="must be an int")
     ids[:, 15] = 7
     specpc.config.protected_token_ids = None  # none protected, as with ()
     assert specpc(ids, mask).kept_lengths.tolist() == [12, 12]
