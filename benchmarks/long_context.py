@@ -93,8 +93,8 @@ def vertical_slash():
     return vertical_slash_attention
 
 
-try:  # the project's peak-RSS helpers (hf_specapprox/eval/bench.py)
-    from hf_specapprox.eval.bench import _proc_status, _reset_peak_rss
+try:  # the project's peak-RSS helpers (hf_specapprox_eval/bench.py)
+    from hf_specapprox_eval.bench import _proc_status, _reset_peak_rss
 except ImportError:  # pragma: no cover - older checkouts
     def _proc_status():
         values = {}

@@ -452,3 +452,7 @@ class PromptCompressionCache(ModelBoundCache, Cache):
 
     def _validate_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Raises if this cache cannot compress this prompt (checked before any work is done)."""
+
+    def _max_lookahead_tokens(self) -> int:
+        """The most tokens `_lookahead` can append (decides, before any work, whether the prefill may go sparse)."""
+        return 0

@@ -81,6 +81,11 @@ class PrefillState(AttentionObserver):
         layer_idx, layer = self._layer(module)
         if not self.sparse or layer is None:
             return super().attend(module, query, key, value, attention_mask, attention, **kwargs)
+        if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+            raise ValueError(
+                f"{type(module).__name__} adds attention sinks, which the sparse prefill's kernel does not. Use a "
+                "dense prefill: `sparse_prefill='off'`."
+            )
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         scores, candidate_valid, num_selected, window = self._selection_inputs(query, key, scaling)
         config = self.cache.config
@@ -130,6 +135,16 @@ def uses_sparse_prefill(config, num_tokens: int) -> bool:
     return mode == "on" or (mode == "auto" and num_tokens > config.sparse_prefill_threshold)
 
 
+def check_sparse_prefill_model(model) -> None:
+    """Refuses models whose attention the vertical-slash kernel cannot reproduce (before any work)."""
+    softcap = getattr(compat.text_config(model.config), "attn_logit_softcapping", None)
+    if softcap:
+        raise ValueError(
+            f"This model caps its attention logits (`attn_logit_softcapping={softcap}`), which the sparse prefill's "
+            "kernel does not do. Use a dense prefill: `sparse_prefill='off'`."
+        )
+
+
 def check_prompt(cache: PromptCompressionCache, input_ids, attention_mask) -> torch.Tensor:
     """Validates a prompt batch for a compressing prefill and returns its 2-D padding mask (all ones if `None`)."""
     name = type(cache).__name__
@@ -169,6 +184,8 @@ def fill_cache(cache: PromptCompressionCache, model, input_ids: torch.Tensor, at
     """
     cache.config.validate()  # a config edited after construction is checked here, before any work
     cache._validate_model(model)
+    if uses_sparse_prefill(cache.config, input_ids.shape[1] + cache._max_lookahead_tokens()):
+        check_sparse_prefill_model(model)
     cache._validate_prompt(input_ids, attention_mask)
     cache.layers = build_layers(model.config)
     prompt_length = input_ids.shape[1]

@@ -117,6 +117,10 @@ class SpecKVCache(PromptCompressionCache):
                     "row per prompt."
                 )
 
+    def _max_lookahead_tokens(self) -> int:
+        fixed = 0 if self.fixed_lookahead is None else self.fixed_lookahead[0].shape[1]
+        return max(fixed, self.config.lookahead_tokens if self.draft is not None else 0)
+
     def _lookahead(self, model, input_ids, attention_mask):
         if self.fixed_lookahead is None or not self._uses_fixed_lookahead(input_ids, attention_mask):
             return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens)

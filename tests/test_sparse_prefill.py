@@ -251,3 +251,18 @@ def test_an_exception_in_the_sparse_prefill_leaves_the_model_as_it_was(monkeypat
     assert target.config._attn_implementation == implementation and hs.is_bound(target)
     assert all(torch.equal(before[name], tensor) for name, tensor in target.state_dict().items())
     assert cache.get_seq_length() == 0 and not cache.layers
+
+
+def test_models_that_cap_attention_logits_are_refused_before_any_work():
+    target = hs.bind(tiny_model("llama", seed=14, num_heads=4, num_kv_heads=2))
+    target.config.attn_logit_softcapping = 30.0  # what Gemma 2 sets; the sparse kernel does not cap
+    ids, mask = random_batch(1, 40, [0], seed=15)
+    calls = []
+    handle = target.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="attn_logit_softcapping"):
+            _generate(target, hs.SpecKVCache(lookahead_ids=torch.tensor([[4, 5]]), max_capacity_prompt=12,
+                                             window_size=3, **SPARSE), ids, mask, 2)
+    finally:
+        handle.remove()
+    assert not calls
