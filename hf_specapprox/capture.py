@@ -10,7 +10,6 @@ of transformers is replaced: the wrappers are new entries in `AttentionInterface
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 
 from transformers import AttentionInterface
@@ -27,14 +26,7 @@ _PREFIX = "hf_specapprox_scoring+"
 
 def _original_attention(module, name: str | None):
     if name in (None, "eager"):
-        modeling = sys.modules[type(module).__module__]
-        function = getattr(modeling, "eager_attention_forward", None)
-        if function is None:
-            raise ValueError(
-                f"{type(module).__name__} has no module-level `eager_attention_forward`; load the model with "
-                "`attn_implementation='sdpa'` to use it with hf_specapprox."
-            )
-        return function
+        return compat.eager_attention_function(module)
     return ALL_ATTENTION_FUNCTIONS[name]
 
 

@@ -12,6 +12,7 @@ The library supports transformers 4.56 up to the newest 5.x. The differences it 
 from __future__ import annotations
 
 import inspect
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -87,6 +88,23 @@ def set_attn_implementation_exact(config, name: str | None) -> None:
     Used only to switch a model to the scoring wrapper for one forward and back again (see `capture.py`).
     """
     config._attn_implementation_internal = name
+
+
+def eager_attention_function(module):
+    """The eager attention function of `module`'s modeling file.
+
+    transformers registers every attention implementation in `ALL_ATTENTION_FUNCTIONS` except `"eager"`, which each
+    modeling file defines for itself as a module-level `eager_attention_forward` (4.56 to 5.24 alike); there is no
+    public registry entry to look it up by, so it is read from the module that defines the attention class.
+    """
+    modeling = sys.modules[type(module).__module__]
+    function = getattr(modeling, "eager_attention_forward", None)
+    if function is None:
+        raise ValueError(
+            f"{type(module).__name__} has no module-level `eager_attention_forward`; load the model with "
+            "`attn_implementation='sdpa'` to use it with hf_specapprox."
+        )
+    return function
 
 
 def text_config(config):
