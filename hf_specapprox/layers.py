@@ -20,6 +20,19 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from . import compat
 
 
+def tokens_to_crop(layer, max_length: int) -> int:
+    """How many tokens `layer.crop(max_length)` removes (see `compat.tokens_to_remove_for_crop`); raises when that
+    would reach into the compressed prompt rows, which cannot be restored."""
+    to_remove = compat.tokens_to_remove_for_crop(max_length, layer.seen_tokens)
+    appended = layer.num_rows - layer.compressed_rows
+    if to_remove > appended:
+        raise ValueError(
+            f"Cannot crop {to_remove} tokens: only the {appended} tokens appended after the compressed prompt can be "
+            "removed, the dropped prompt positions cannot be restored. Start again from a fresh cache."
+        )
+    return to_remove
+
+
 class CompressedKVLayer(DynamicLayer):
     """A full-attention cache layer whose prompt part may be a per-KV-head subset of the prompt positions.
 
@@ -72,15 +85,9 @@ class CompressedKVLayer(DynamicLayer):
 
     def crop(self, max_length: int) -> None:
         """Removes the most recent tokens; see `compat.tokens_to_remove_for_crop` for the argument's meaning."""
-        to_remove = compat.tokens_to_remove_for_crop(max_length, self.seen_tokens)
+        to_remove = tokens_to_crop(self, max_length)
         if to_remove == 0:
             return
-        appended = self.num_rows - self.compressed_rows
-        if to_remove > appended:
-            raise ValueError(
-                f"Cannot crop {to_remove} tokens: only the {appended} tokens appended after the compressed prompt can be "
-                "removed, the dropped prompt positions cannot be restored. Start again from a fresh cache."
-            )
         self.keys = self.keys[..., :-to_remove, :]
         self.values = self.values[..., :-to_remove, :]
         self.seen_tokens -= to_remove

@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from . import compat
-from .layers import CompressedKVLayer
+from .layers import CompressedKVLayer, tokens_to_crop
 
 
 class StaticCacheOverflowError(RuntimeError):
@@ -150,15 +150,9 @@ class StaticCompressedLayer(CacheLayerMixin):
         return self.capacity
 
     def crop(self, max_length: int) -> None:
-        to_remove = compat.tokens_to_remove_for_crop(max_length, self.seen_tokens)
+        to_remove = tokens_to_crop(self, max_length)
         if to_remove == 0:
             return
-        appended = self.num_rows - self.compressed_rows
-        if to_remove > appended:
-            raise ValueError(
-                f"Cannot crop {to_remove} tokens: only the {appended} tokens appended after the compressed prompt can be "
-                "removed, the dropped prompt positions cannot be restored. Start again from a fresh cache."
-            )
         self.rows_written.sub_(to_remove)  # stale rows are overwritten by the next update and masked until then
 
     def reset(self) -> None:

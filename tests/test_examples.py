@@ -73,3 +73,8 @@ def test_align_draft_lora(tmp_path):
     module.train_lora(draft, answers, steps=2, lr=1e-2, rank=4)
     assert draft.state_dict().keys() == snapshot.keys()
     assert all(torch.equal(snapshot[name], value) for name, value in draft.state_dict().items())
+
+
+def test_shared_cache_pipeline():
+    answers = load("shared_cache_pipeline").main([])
+    assert len(answers) == 3 and all(shared == fresh for shared, fresh in answers)
