@@ -107,7 +107,7 @@ def test_harness_runs_the_target_with_its_generation_config():
 
 def spiked_specpc(family: str, **knobs):
     """A SpecPC whose draft votes one spike at position 100 of a 200-token prompt (everything else 0)."""
-    specpc = hs.SpecPCPreprocessor(tiny_model(family, seed=1), max_capacity_prompt=68, window_size=4,
+    specpc = hs.SpecPCPreprocessor(tiny_model(family, seed=1), max_capacity_prompt=67, window_size=4,
                                    starting_layer_index=0, **knobs)
     scores = torch.zeros(1, 200)
     scores[0, 100] = 1.0
@@ -119,19 +119,21 @@ def spiked_specpc(family: str, **knobs):
 def test_specpc_kernel_resolves_per_draft_family_and_selects_accordingly():
     ids, mask = random_batch(1, 200, [0], seed=2)
     window = list(range(196, 200))
-    # Kernel k, neighbours k: zero padding ((k-1)//2, rest) makes positions 100-k//2 .. 100+(k-1)//2 a plateau; ties
-    # go to the earlier position, so the first ranked token is 100 - k//2; its k neighbours (offsets -(k-1)//2 ..
-    # k//2) end at the spike, and each next plateau token adds one position on the right, until 64 are chosen.
+    # Budget 67 = the window (4) + 63. Kernel k, neighbours k: zero padding ((k-1)//2, rest) makes positions
+    # 100-k//2 .. 100+(k-1)//2 a plateau; ties go to the earlier position, so the first ranked token is 100 - k//2
+    # and its neighbours come nearest first (offsets 0, -1, +1, ..., from -(k-1)//2 to k//2).
+    # k = 32: token 84 brings 69..100 (32), then plateau tokens 85..115 one new position each, 101..131 (31).
     llama = spiked_specpc("llama")
     assert llama.config.kernel_size == 32 and llama.config.neighbours == 32
-    assert llama(ids, mask).kept_indices[0].tolist() == list(range(69, 133)) + window  # [100-31, 100+32]
+    assert llama(ids, mask).kept_indices[0].tolist() == list(range(69, 132)) + window
+    # k = 64: token 68 alone brings 63 positions, offsets 0, -1, +1, ..., -31, +31: 37..99.
     qwen = spiked_specpc("qwen2")
     assert qwen.config.kernel_size == 64
-    assert qwen(ids, mask).kept_indices[0].tolist() == list(range(37, 101)) + window  # [100-63, 100]
+    assert qwen(ids, mask).kept_indices[0].tolist() == list(range(37, 100)) + window
     assert spiked_specpc("mistral").config.kernel_size == 64  # any other family: the official default
     explicit = spiked_specpc("llama", kernel_size=64)  # an explicit value wins
     assert explicit.config.kernel_size == 64
-    assert explicit(ids, mask).kept_indices[0].tolist() == list(range(37, 101)) + window
+    assert explicit(ids, mask).kept_indices[0].tolist() == list(range(37, 100)) + window
 
 
 def test_specpc_kernel_resolution_leaves_the_given_config_alone():
@@ -156,9 +158,9 @@ def test_harness_speckv_pc_is_the_released_configuration():
     pc = configs["specpc_config"]
     assert (pc.max_capacity_prompt, pc.window_size, pc.kernel_size, pc.lookahead_tokens) == (2048, 64, 32, 20)
     assert configs["speckv_config"].max_capacity_prompt == 16
-    cascade = hs.SpecKVPC(draft)
+    cascade = hs.SpecKVPC(tiny_model("llama", seed=3, num_layers=9))  # the released voting layers (8 on) exist
     assert (cascade.specpc.config.max_capacity_prompt, cascade.specpc.config.kernel_size,
-            cascade.specpc.config.lookahead_tokens) == (2048, 32, 20)
+            cascade.specpc.config.lookahead_tokens, cascade.speckv_config.max_capacity_prompt) == (2048, 32, 20, 256)
     # SpecPC to 40 tokens with a 20-token preview, then SpecKV reusing exactly those tokens
     target = tiny_model("llama", seed=4)
     configs = method_configs("speckv_pc", draft, budget=16, max_new_tokens=64, pc_budget=40)
