@@ -19,12 +19,14 @@ def _resolve(config, config_cls, config_kwargs):
 
 
 class SnapKVCache(PromptCompressionCache):
-    """SnapKV (Li et al., 2024): the last `window_size` prompt tokens score the earlier keys, no draft.
+    """SnapKV (Li et al., 2024; `snapkv/monkeypatch/snapkv_utils.py`): the last `window_size` prompt tokens score the
+    earlier keys, no draft.
 
-    Scores are the window's attention averaged over its queries and the query heads of each KV head, smoothed with an
-    average pool of width `kernel_size`; each KV head keeps its best `max_capacity_prompt - window_size + 1` earlier
-    keys plus the window (the last prompt token is re-computed, as with SpecKV). Same binding and `generate` support
-    as [`SpecKVCache`].
+    Scores are the window's attention averaged over its queries and the query heads of each KV head (ranks as
+    SnapKV's sum; the GQA group is reduced per KV head, as kvpress does, for SpecKV's memory), smoothed with a
+    max-pool of width `kernel_size` (SnapKV's own experiments; `SnapKVConfig.kvpress()` gives kvpress's average
+    pool); each KV head keeps its best `max_capacity_prompt - window_size + 1` earlier keys plus the window (the last
+    prompt token is re-computed, as with SpecKV). Same binding and `generate` support as [`SpecKVCache`].
 
     Args:
         config ([`SnapKVConfig`], *optional*): all knobs at once.
@@ -44,6 +46,9 @@ class SnapKVCache(PromptCompressionCache):
 
 class StreamingLLMCache(PromptCompressionCache):
     """StreamingLLM (Xiao et al., 2023): keeps the first `num_sink_tokens` real tokens and the most recent ones.
+
+    As kvpress's `StreamingLLMPress`: kept pairs keep their original positions (no key re-rotation to in-cache
+    positions, which StreamingLLM's paper uses; kvpress notes the same).
 
     Args:
         config ([`StreamingLLMConfig`], *optional*): all knobs at once.

@@ -18,6 +18,8 @@ POOL_TYPES = ("max", "mean")
 REDUCTION_TYPES = ("max", "mean")
 SCORING_IMPLEMENTATIONS = ("auto", "torch", "triton")
 SPARSE_PREFILL_MODES = ("auto", "on", "off")
+#: How the draft decodes its lookahead (see `hf_specapprox.draft.generate_lookahead`).
+LOOKAHEAD_DECODING_MODES = ("generation_config", "argmax")
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -268,6 +270,12 @@ class SpecKVConfig(AttentionSelectionConfig):
             Number of tokens the draft generates greedily (it stops earlier at EOS). The paper's code used the
             task's `max_new_tokens` (64 to 512); a cache cannot see `generate`'s `max_new_tokens`, so set this to
             the length of the answers you expect. `0` scores with the prompt window only.
+        lookahead_decoding (`str`, *optional*, defaults to `"generation_config"`):
+            How the draft writes its lookahead. `"generation_config"`: what `draft.generate(do_sample=False)` writes,
+            i.e. greedy after every logits processor the draft checkpoint's generation config enables (Qwen2.5's
+            `repetition_penalty` of 1.1, for one), as the paper's code does (`speckv/speckv.py`, `eval.py`).
+            `"argmax"`: the bare argmax of the logits, no processor (a deliberate deviation from the paper's code,
+            identical to it for drafts whose generation config enables no processor, e.g. Llama-3.2-1B-Instruct).
         kernel_size (`int`, *optional*, defaults to 7):
             As in [`AttentionSelectionConfig`] (the paper's value).
         pool_type (`str`, *optional*, defaults to `"max"`):
@@ -286,15 +294,25 @@ class SpecKVConfig(AttentionSelectionConfig):
 
     lookahead_tokens: int = 64
     sparse_prefill: str = "auto"
+    lookahead_decoding: str = "generation_config"
 
     def validate(self) -> None:
         super().validate()
         _check_positive_int("lookahead_tokens", self.lookahead_tokens, minimum=0)
+        _check_choice("lookahead_decoding", self.lookahead_decoding, LOOKAHEAD_DECODING_MODES)
 
 
 @dataclass
 class SnapKVConfig(AttentionSelectionConfig):
     """Configuration of the SnapKV baseline (Li et al., 2024): the prompt's own last tokens vote, no draft.
+
+    Defaults are SnapKV's own (its LongBench configs `experiments/LongBench/config/ablation_c*_w32_k7_maxpool.json`,
+    `snapkv/monkeypatch/snapkv_utils.py`): window 32, **max**-pooling of width 7, the window's attention summed per
+    key. The GQA group is reduced **per KV head** (the mean over the group's query heads and the window, which ranks
+    as SnapKV's sum over the window does), as kvpress does, so every KV head keeps `max_capacity_prompt` pairs and
+    the memory is the same as SpecKV's; SnapKV's own code repeats K/V to every query head and selects per query head
+    (more memory for GQA models). `SnapKVConfig.kvpress()` gives kvpress's variant (window 64, average pooling of
+    width 5).
 
     Args:
         max_capacity_prompt (`int`, *optional*, defaults to 1024):
@@ -303,8 +321,8 @@ class SnapKVConfig(AttentionSelectionConfig):
             Observation window: the last `window_size` prompt tokens are the scoring queries and are always kept.
         kernel_size (`int`, *optional*, defaults to 7):
             Pooling width (odd).
-        pool_type (`str`, *optional*, defaults to `"mean"`):
-            SnapKV's average pooling; `"max"` is allowed for ablations.
+        pool_type (`str`, *optional*, defaults to `"max"`):
+            SnapKV's max-pooling; `"mean"` is kvpress's average pooling (see `SnapKVConfig.kvpress()`).
         reduction_type (`str`, *optional*, defaults to `"mean"`):
             SnapKV sums the window's attention, which ranks like the mean used here.
         scoring_implementation (`str`, *optional*, defaults to `"auto"`):
@@ -316,13 +334,24 @@ class SnapKVConfig(AttentionSelectionConfig):
 
     method: ClassVar[str] = "snapkv"
 
-    pool_type: str = "mean"
+    pool_type: str = "max"
     reduction_type: str = "mean"
+
+    @classmethod
+    def kvpress(cls, **overrides) -> "SnapKVConfig":
+        """kvpress's SnapKV (`kvpress/presses/snapkv_press.py`): window 64, average pooling of width 5, the mean over
+        the window and the GQA group; `overrides` (e.g. `max_capacity_prompt=256`) replace any field."""
+        return cls(**{"window_size": 64, "kernel_size": 5, "pool_type": "mean", "reduction_type": "mean",
+                      **overrides})
 
 
 @dataclass
 class StreamingLLMConfig(KVSelectionConfig):
     """Configuration of the StreamingLLM baseline (Xiao et al., 2023): attention sinks plus the most recent tokens.
+
+    As kvpress's `StreamingLLMPress`: the kept pairs keep their **original positions** (their keys are not
+    re-rotated), and new tokens continue at the original prompt length. StreamingLLM's paper places cached tokens at
+    their positions *within the cache* (re-rotating the keys); kvpress notes the same difference.
 
     Args:
         max_capacity_prompt (`int`, *optional*, defaults to 1024):
@@ -359,10 +388,17 @@ class SpecPCConfig(ConfigMixin):
         lookahead_tokens (`int`, *optional*, defaults to 1):
             Tokens the draft generates. 1 means a single prefill forward (the paper's setting); with more, the
             attention of every decode step votes too, and the tokens are returned (SpecKV-PC reuses them).
-        kernel_size (`int`, *optional*, defaults to 64):
-            Width of the zero-padded pooling of the scores (may be even; the paper used 64 for Qwen, 32 for Llama).
+        lookahead_decoding (`str`, *optional*, defaults to `"generation_config"`):
+            How the draft writes its tokens when `lookahead_tokens > 1`: as `draft.generate(do_sample=False)` does,
+            with the draft checkpoint's generation config (the paper's code), or `"argmax"`; see [`SpecKVConfig`].
+        kernel_size (`int`, *optional*):
+            Width of the zero-padded pooling of the scores (may be even). `None` (the default) is resolved from the
+            draft's family when a [`SpecPCPreprocessor`] is built, as the released configs (`cfg/paper/specpc/**`)
+            set it: 32 for Llama-family drafts (`model_type` `llama`), 64 for Qwen-family drafts (`qwen*`), and 64
+            for every other draft (the official `SpecPCConfig` default). The preprocessor's `config` then holds the
+            resolved value; an explicit value always wins. See `hf_specapprox.config.resolve_specpc_kernel_size`.
         neighbor_tokens (`int`, *optional*):
-            Tokens kept around each selected token, nearest first; defaults to `kernel_size`.
+            Tokens kept around each selected token, nearest first; defaults to `kernel_size` (as released).
         pool_type (`str`, *optional*, defaults to `"max"`):
             `"max"` or `"mean"` pooling.
         starting_layer_index (`int`, *optional*, defaults to 8):
@@ -383,7 +419,8 @@ class SpecPCConfig(ConfigMixin):
     max_capacity_prompt: int = 1024
     window_size: int = 64
     lookahead_tokens: int = 1
-    kernel_size: int = 64
+    lookahead_decoding: str = "generation_config"
+    kernel_size: int | None = None
     neighbor_tokens: int | None = None
     pool_type: str = "max"
     starting_layer_index: int = 8
@@ -411,7 +448,9 @@ class SpecPCConfig(ConfigMixin):
                 f"{self.max_capacity_prompt} (e.g. `window_size=min(64, max_capacity_prompt)`)."
             )
         _check_positive_int("lookahead_tokens", self.lookahead_tokens)
-        _check_positive_int("kernel_size", self.kernel_size)
+        _check_choice("lookahead_decoding", self.lookahead_decoding, LOOKAHEAD_DECODING_MODES)
+        if self.kernel_size is not None:
+            _check_positive_int("kernel_size", self.kernel_size)
         if self.neighbor_tokens is not None:
             _check_positive_int("neighbor_tokens", self.neighbor_tokens)
         _check_choice("pool_type", self.pool_type, POOL_TYPES)
@@ -427,5 +466,32 @@ class SpecPCConfig(ConfigMixin):
         _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
 
     @property
-    def neighbours(self) -> int:
+    def neighbours(self) -> int | None:
+        """Neighbours kept around each selected token: `neighbor_tokens`, else `kernel_size` (`None` until resolved)."""
         return self.neighbor_tokens or self.kernel_size
+
+
+#: SpecPC's pooling kernel (and neighbours) per draft family in the released configs (`cfg/paper/specpc/**`).
+SPECPC_KERNEL_BY_FAMILY = {"llama": 32, "qwen": 64}
+#: The kernel for drafts of any other family: the official `SpecPCConfig` default.
+SPECPC_DEFAULT_KERNEL = 64
+
+
+def draft_family(draft_config) -> str | None:
+    """`"llama"` or `"qwen"` for a draft (or its config) of those families, `None` otherwise: read from the text
+    config's `model_type` (`llama` → `"llama"`, `qwen2`, `qwen3`, `qwen2_moe`, ... → `"qwen"`)."""
+    config = getattr(draft_config, "config", draft_config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    model_type = str(getattr(config, "model_type", "") or "")
+    if model_type == "llama":
+        return "llama"
+    if model_type.startswith("qwen"):
+        return "qwen"
+    return None
+
+
+def resolve_specpc_kernel_size(draft) -> int:
+    """SpecPC's released kernel (and neighbours) for `draft`'s family: 32 for Llama, 64 for Qwen, 64 otherwise."""
+    family = draft_family(draft) if draft is not None else None
+    return SPECPC_KERNEL_BY_FAMILY.get(family, SPECPC_DEFAULT_KERNEL)

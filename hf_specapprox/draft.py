@@ -1,11 +1,16 @@
-"""The draft model's side of SpecKV: compatibility checks and the greedy lookahead."""
+"""The draft model's side of SpecKV: compatibility checks and the draft's lookahead (its preview of the answer)."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import torch
 from transformers import DynamicCache
+from transformers.generation import LogitsProcessorList
 
 from . import compat
+from .config import LOOKAHEAD_DECODING_MODES
 
 # Two checkpoints of one tokenizer family may pad their embedding tables differently (Qwen2.5-0.5B has 151,936 rows,
 # Qwen2.5-14B 152,064); a larger gap means different tokenizers.
@@ -145,6 +150,12 @@ def _eos_ids(draft) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+# How the draft decodes its lookahead (`LOOKAHEAD_DECODING_MODES`): `"generation_config"` is what
+# `draft.generate(do_sample=False)` writes, with every logits processor the draft checkpoint's generation config enables
+# (e.g. Qwen2.5's `repetition_penalty`), as the paper's code does (`eval.py`, `speckv/speckv.py`:
+# `draft.generate(do_sample=False, ...)`); `"argmax"` is bare greedy decoding with no logits processor.
+
+
 @torch.no_grad()
 def generate_lookahead(
     draft,
@@ -154,8 +165,18 @@ def generate_lookahead(
     *,
     deduplicate: bool = True,
     model_kwargs: dict | None = None,
+    decoding: str = "generation_config",
 ):
-    """Greedy draft continuation of each prompt row, cut after its first EOS.
+    """The draft's greedy continuation of each prompt row, cut after its first EOS.
+
+    With `decoding="generation_config"` (the default) the tokens are those of
+    `draft.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=num_tokens)`: greedy
+    decoding after every logits processor the draft's `generation_config` enables (repetition penalty, n-gram
+    blocking, suppressed tokens, ...), as the paper's code does. Sampling settings of that config (temperature,
+    top-k, top-p) do not apply, as with `do_sample=False`. `decoding="argmax"` takes the bare argmax of the logits.
+
+    The loop is written out (not `draft.generate`) because SpecPC passes `model_kwargs` to every draft forward, which
+    `generate` refuses; the processors are the ones `generate` builds ([`draft_logits_processors`]).
 
     Identical rows (beam search and `num_return_sequences` expand the batch before the prefill) are decoded once
     unless `deduplicate=False`. `model_kwargs` are passed on to every draft forward.
@@ -165,14 +186,18 @@ def generate_lookahead(
         input_ids (`torch.LongTensor` of shape `(batch, prompt_length)`): left-padded prompts.
         attention_mask (`torch.LongTensor` of shape `(batch, prompt_length)`): their padding mask.
         num_tokens (`int`): maximum number of draft tokens.
+        decoding (`str`, *optional*, defaults to `"generation_config"`): one of [`LOOKAHEAD_DECODING_MODES`].
 
     Returns:
         `(lookahead_ids, lookahead_valid)`, both `(batch, n)` with `n <= num_tokens`; `lookahead_valid` is False for
         the padding after a row's EOS (the EOS itself is kept, as in the paper's code).
 
     Raises:
-        `ValueError`: before the draft runs, if the prompt holds ids the draft cannot embed ([`check_prompt_ids`]).
+        `ValueError`: before the draft runs, if the prompt holds ids the draft cannot embed ([`check_prompt_ids`]),
+            or `decoding` is not a known mode.
     """
+    if decoding not in LOOKAHEAD_DECODING_MODES:
+        raise ValueError(f"`lookahead_decoding` must be one of {LOOKAHEAD_DECODING_MODES}, got {decoding!r}.")
     check_prompt_ids(draft, input_ids, attention_mask)
     batch = input_ids.shape[0]
     if num_tokens == 0:
@@ -188,12 +213,81 @@ def generate_lookahead(
     device = draft.device
     ids = unique_rows[:, :prompt_length].to(device)
     mask = unique_rows[:, prompt_length:].to(device)
-    tokens = _greedy_tokens(draft, ids, mask, num_tokens, eos_ids, model_kwargs or {})
+    processors = draft_logits_processors(draft, ids, mask, num_tokens) if decoding == "generation_config" else None
+    tokens = _greedy_tokens(draft, ids, mask, num_tokens, eos_ids, model_kwargs or {}, processors)
     return _cut_after_eos(tokens.to(input_ids.device), eos_ids, inverse)
 
 
-def _greedy_tokens(draft, input_ids, attention_mask, num_tokens, eos_ids, model_kwargs):
-    """Plain greedy decoding (argmax, no logits processors), feeding `model_kwargs` to every forward."""
+def _greedy_generation_config(draft, num_tokens: int, prompt_length: int):
+    """A copy of the draft's generation config set as `generate(do_sample=False, max_new_tokens=num_tokens)` sets it."""
+    config = copy.deepcopy(draft.generation_config)
+    config.do_sample = False
+    config.num_beams = 1
+    config.num_return_sequences = 1
+    config.max_new_tokens = num_tokens
+    config.max_length = prompt_length + num_tokens  # what `generate` derives from `max_new_tokens`
+    return config
+
+
+def draft_logits_processors(draft, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int):
+    """The logits processors `draft.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+    max_new_tokens=num_tokens)` applies, as a `LogitsProcessorList` (empty when the generation config enables none).
+
+    Version seam: transformers has no public function for this list, so it is built with the model's own
+    `_get_logits_processor` (after `_prepare_special_tokens`), which `generate` calls; its signature is the same on
+    4.56 and 5.x (keyword arguments only are used). Where a model lacks it, the list is built from the public
+    processor classes for the settings that concern a greedy decoder-only draft (repetition penalty, n-gram
+    blocking, suppressed tokens, minimum new tokens), with a warning naming any other setting that is then ignored.
+    """
+    config = _greedy_generation_config(draft, num_tokens, input_ids.shape[1])
+    if hasattr(draft, "_get_logits_processor") and hasattr(draft, "_prepare_special_tokens"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # generate's own advisories (e.g. about sampling knobs) are not ours
+            draft._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
+            return draft._get_logits_processor(
+                generation_config=config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+                prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=input_ids.device,
+                model_kwargs={"attention_mask": attention_mask},
+            )
+    return _public_logits_processors(config, input_ids.shape[1])
+
+
+def _public_logits_processors(config, prompt_length: int) -> LogitsProcessorList:
+    from transformers.generation import (
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+    )
+
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.suppress_tokens:
+        processors.append(SuppressTokensLogitsProcessor(config.suppress_tokens))
+    eos = _eos_ids_of(config)
+    if config.min_new_tokens and eos:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos))
+    ignored = [name for name in ("sequence_bias", "bad_words_ids", "forced_eos_token_id", "min_length",
+                                 "exponential_decay_length_penalty", "begin_suppress_tokens")
+               if getattr(config, name, None)]
+    if ignored:
+        warnings.warn(f"The draft's generation config sets {ignored}, which the lookahead ignores here.")
+    return processors
+
+
+def _eos_ids_of(config) -> list[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _greedy_tokens(draft, input_ids, attention_mask, num_tokens, eos_ids, model_kwargs, processors=None):
+    """Greedy decoding feeding `model_kwargs` to every forward: the argmax of the logits after `processors` (as
+    `generate` applies them: float32 logits, the whole sequence so far), or of the bare logits without."""
     cache = DynamicCache()
     cache_name = compat.cache_kwarg_name(draft)
     if compat.forward_takes(draft, "logits_to_keep"):
@@ -203,11 +297,14 @@ def _greedy_tokens(draft, input_ids, attention_mask, num_tokens, eos_ids, model_
     eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     step_ids, step_positions, generated = input_ids, positions, []
+    sequence = input_ids
     for step in range(num_tokens):
         logits = draft(
             input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
             **{cache_name: cache}, **model_kwargs,
         ).logits[:, -1, :]
+        if processors:
+            logits = processors(sequence, logits.to(dtype=torch.float32, device=sequence.device))
         token = logits.argmax(-1)
         generated.append(token)
         if eos is not None:
@@ -217,6 +314,8 @@ def _greedy_tokens(draft, input_ids, attention_mask, num_tokens, eos_ids, model_
         if step + 1 == num_tokens:
             break
         step_ids = token[:, None]
+        if processors:
+            sequence = torch.cat([sequence, step_ids.to(sequence.device)], dim=1)
         step_positions = step_positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return torch.stack(generated, dim=1)

@@ -99,7 +99,10 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
         prepare = spec.build(self.draft_model if spec.uses_draft else None,
                              **{name: config for name, config in configs.items() if name in spec.config_arguments})
         prepared = prepare(self.model, input_ids, attention_mask)
-        model_inputs = dict(model_inputs, **prepared.model_inputs)
+        prepared_inputs = prepared.model_inputs
+        if "position_ids" in prepared_inputs:  # original positions (SpecPrefill): the base pipeline drops extra inputs
+            generate_kwargs["position_ids"] = prepared_inputs.pop("position_ids")
+        model_inputs = dict(model_inputs, **prepared_inputs)
         compressed, cache = prepared.compressed, prepared.cache
         draft_tokens = draft_valid = None
         if compressed is not None:

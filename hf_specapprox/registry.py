@@ -45,19 +45,24 @@ class PreparedInputs:
         cache ([`PromptCompressionCache`], *optional*): a fresh compressing cache for this request, or `None`.
         compressed ([`SpecPCOutput`], *optional*): the prompt compressor's output (kept indices, draft tokens,
             numbers), or `None`.
+        position_ids (`torch.Tensor`, *optional*): the kept tokens' original positions, for methods that keep them
+            (SpecPrefill); `None` lets `generate` number the ids contiguously.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     cache: object | None = None
     compressed: SpecPCOutput | None = None
+    position_ids: torch.Tensor | None = None
 
     @property
     def model_inputs(self) -> dict:
-        """`input_ids` and `attention_mask` as `generate` keyword arguments."""
+        """`input_ids`, `attention_mask` and (when set) `position_ids` as `generate` keyword arguments."""
         inputs = {"input_ids": self.input_ids}
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
         return inputs
 
     def cache_kwargs(self, model) -> dict:
@@ -137,7 +142,8 @@ def _prompt_method(preprocessor_for):
 
         def prepare(model, input_ids, attention_mask=None):
             compressed = preprocessor(input_ids, attention_mask)
-            return PreparedInputs(compressed.input_ids, compressed.attention_mask, compressed=compressed)
+            return PreparedInputs(compressed.input_ids, compressed.attention_mask, compressed=compressed,
+                                  position_ids=compressed.position_ids)
 
         return prepare
 
@@ -155,9 +161,12 @@ def _speckv_pc(draft, specpc_config, speckv_config):
 
 
 def _spec_prefill(draft, config: SpecPCConfig):
+    """SpecPrefill with its own defaults (8 voting forwards, pool 13, chunks of 32, original positions); it reads
+    only the budget, the protection and `lookahead_decoding` from `config`."""
     return SpecPrefillPreprocessor(draft, max_capacity_prompt=config.max_capacity_prompt,
                                    num_sink_tokens=config.num_sink_tokens,
-                                   protected_token_ids=config.protected_token_ids)
+                                   protected_token_ids=config.protected_token_ids,
+                                   lookahead_decoding=config.lookahead_decoding)
 
 
 _SPECS = (
@@ -176,8 +185,9 @@ _SPECS = (
                ("specpc_config",), (SpecPCConfig,), lambda: {"specpc_config": SpecPCConfig()},
                _prompt_method(lambda draft, config: SpecPCPreprocessor(draft, config=config))),
     MethodSpec("specprefill", "prompt", True,
-               "SpecPrefill-style chunks scored by the draft's last token (reads budget and protection from "
-               "`specpc_config`)", ("specpc_config",), (SpecPCConfig,), lambda: {"specpc_config": SpecPCConfig()},
+               "SpecPrefill: chunks scored by the draft's last token and 7 lookahead tokens, original positions "
+               "(reads budget and protection from `specpc_config`)", ("specpc_config",), (SpecPCConfig,),
+               lambda: {"specpc_config": SpecPCConfig()},
                _prompt_method(_spec_prefill)),
     MethodSpec("speckv_pc", "kv", True, "SpecKV-PC: SpecPC first, then SpecKV reusing SpecPC's draft tokens",
                ("specpc_config", "speckv_config"), (SpecPCConfig, SpecKVConfig),

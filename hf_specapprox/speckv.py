@@ -123,7 +123,8 @@ class SpecKVCache(PromptCompressionCache):
 
     def _lookahead(self, model, input_ids, attention_mask):
         if self.fixed_lookahead is None or not self._uses_fixed_lookahead(input_ids, attention_mask):
-            return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens)
+            return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens,
+                                      decoding=self.config.lookahead_decoding)
         ids, valid = self.fixed_lookahead
         repeats = input_ids.shape[0] // ids.shape[0]
         return ids.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import scoring
 from .adapters import unwrap_adapters
 from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
-from .config import SpecPCConfig
+from .config import SpecPCConfig, resolve_specpc_kernel_size
 from .draft import check_prompt_ids, generate_lookahead
 from .scoring.select import specpc_keep_mask
 
@@ -31,6 +31,8 @@ class SpecPCOutput:
         original_lengths (`torch.LongTensor` of shape `(batch,)`): real tokens per input row.
         kept_lengths (`torch.LongTensor` of shape `(batch,)`): real tokens per output row.
         draft_seconds (`float`): wall time of the draft pass.
+        position_ids (`torch.LongTensor` of shape `(batch, kept)`, *optional*): original position ids of the kept
+            tokens, for methods that keep them (SpecPrefill); `None` when positions are renumbered (SpecPC).
     """
 
     input_ids: torch.Tensor
@@ -42,6 +44,7 @@ class SpecPCOutput:
     original_lengths: torch.Tensor
     kept_lengths: torch.Tensor
     draft_seconds: float
+    position_ids: torch.Tensor | None = None
 
     @property
     def stats(self) -> dict:
@@ -55,8 +58,12 @@ class SpecPCOutput:
 
     @property
     def model_inputs(self) -> dict:
-        """`input_ids` and `attention_mask`, ready for `target.generate(**output.model_inputs)`."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        """`input_ids` and `attention_mask` (and `position_ids` when the method keeps original positions), ready for
+        `target.generate(**output.model_inputs)`."""
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
 
     @property
     def compression_ratio(self) -> torch.Tensor:
@@ -119,12 +126,14 @@ def _running_max(current, new):
 class SpecPCPreprocessor:
     """Compresses prompts with SpecPC: the draft reads each prompt once and its attention picks the tokens to keep.
 
-    The draft runs one forward over the prompt (or generates `lookahead_tokens` tokens). In every draft layer from
-    `starting_layer_index` on, the attention of the last `window_size` prompt queries (weighted 0 → 1) is taken, and
-    each prompt token's score is the max over layers, heads and queries. The scores are smoothed (zero-padded pooling
-    of width `kernel_size`), the best tokens are taken in order with their `neighbor_tokens` nearest neighbours, the
-    last `window_size` tokens are always kept, and the result is cut to `max_capacity_prompt` tokens and put back in
-    order. The target then sees a shorter prompt with renumbered positions.
+    The draft runs one forward over the prompt (or generates `lookahead_tokens` tokens, as `draft.generate` with its
+    generation config would; see `lookahead_decoding`). In every draft layer from `starting_layer_index` on, the
+    attention of the last `window_size` prompt queries (weighted 0 → 1) is taken, and each prompt token's score is the
+    max over layers, heads and queries. The scores are smoothed (zero-padded pooling of width `kernel_size`: by
+    default 32 for a Llama-family draft, 64 for Qwen and others, as released; the resolved value is in
+    `preprocessor.config.kernel_size`), the best tokens are taken in order with their `neighbor_tokens` nearest
+    neighbours, the last `window_size` tokens are always kept, and the result is cut to `max_capacity_prompt` tokens
+    and put back in order. The target then sees a shorter prompt with renumbered positions.
 
     Works on left-padded, ragged batches: every row is compressed on its own and the results are re-padded on the left.
 
@@ -163,11 +172,16 @@ class SpecPCPreprocessor:
             raise ValueError(f"{type(self).__name__} uses no draft; do not pass one.")
         self.draft = draft
         self.tokenizer = tokenizer
+        if self.config.kernel_size is None:  # the released per-family value, stored where it can be read and edited
+            self.config = replace(self.config, kernel_size=resolve_specpc_kernel_size(draft))
         self._check_config()
 
     def _check_config(self) -> None:
-        """Validates the knobs (again at every call: a config may be edited after construction)."""
+        """Validates the knobs (again at every call: a config may be edited after construction); a `kernel_size`
+        edited back to `None` is resolved again from the draft's family."""
         self.config.validate()
+        if self.config.kernel_size is None:
+            self.config.kernel_size = resolve_specpc_kernel_size(self.draft)
         if self.draft is None:
             return
         num_layers = getattr(self.draft.config.get_text_config(decoder=True), "num_hidden_layers", None)
@@ -295,7 +309,7 @@ class SpecPCPreprocessor:
         with scoring_attention(self.draft):
             draft_tokens, draft_valid = generate_lookahead(
                 self.draft, input_ids, attention_mask, self.config.lookahead_tokens, deduplicate=False,
-                model_kwargs={SCORING_KWARG: votes},
+                model_kwargs={SCORING_KWARG: votes}, decoding=self.config.lookahead_decoding,
             )
         if votes.prefill is None:
             raise ValueError(

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--budgets", nargs="+", type=positive_int, default=[128, 256], help="KV budgets")
     evaluate.add_argument("--prompt-budgets", nargs="+", type=positive_int, default=[512, 1024],
                           help="prompt budgets of SpecPC and SpecPrefill")
-    evaluate.add_argument("--pc-budget", type=positive_int, default=1024, help="SpecKV-PC's first-stage prompt budget")
+    evaluate.add_argument("--pc-budget", type=positive_int, default=2048,
+                          help="SpecKV-PC's first-stage prompt budget (2048 as released)")
     evaluate.add_argument("--lengths", nargs="+", type=positive_int, default=[2048])
     evaluate.add_argument("--samples", type=positive_int, default=8)
     evaluate.add_argument("--haystack", choices=["noise", "essay"], default="noise")

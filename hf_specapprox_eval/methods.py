@@ -7,6 +7,7 @@ from dataclasses import fields, replace
 import torch
 from transformers.utils import logging
 
+from hf_specapprox.cascade import DEFAULT_SPECPC
 from hf_specapprox.config import SpecKVConfig, SpecPCConfig
 from hf_specapprox.registry import METHODS as REGISTRY
 from hf_specapprox.registry import get_method
@@ -30,10 +31,12 @@ def clamp_knob(name: str, value: int, limit: int, reason: str) -> int:
 
 
 def _greedy(model, input_ids, attention_mask, max_new_tokens, **kwargs):
-    """The same decoding for every method: greedy, no repetition penalty, exactly the answer budget."""
+    """The same decoding for every method, as the paper's `eval.py` runs the target: greedy
+    (`do_sample=False, temperature=None, top_p=None`) with every logits processor of the model's own generation
+    config left on (Qwen2.5-Instruct's `repetition_penalty` of 1.05-1.1 applies), up to the answer budget.
+    `top_k=None` only silences the sampling-knob advisory; it changes nothing when not sampling."""
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                          do_sample=False, num_beams=1, repetition_penalty=1.0, temperature=None, top_p=None,
-                          top_k=None, **kwargs)
+                          do_sample=False, temperature=None, top_p=None, top_k=None, **kwargs)
 
 
 def voting_layer(draft, preferred: int = 8) -> int:
@@ -65,11 +68,17 @@ def _stage_config(config_class, spec_name: str, draft, *, budget: int, window_si
     return config_class(**knobs)
 
 
-def method_configs(name: str, draft, *, budget: int | None, max_new_tokens: int, pc_budget: int = 1024,
-                   window_size: int = 32) -> dict:
+#: SpecKV-PC's first-stage prompt budget in the released configs (`cfg/paper/speckvpc2048/**`).
+SPECKV_PC_PROMPT_BUDGET = DEFAULT_SPECPC.max_capacity_prompt
+
+
+def method_configs(name: str, draft, *, budget: int | None, max_new_tokens: int,
+                   pc_budget: int = SPECKV_PC_PROMPT_BUDGET, window_size: int = 32) -> dict:
     """The configs the harness gives method `name` of the registry (keyword → config), from its budgets: every
-    config of the method gets `budget` (see [`_stage_config`]), except SpecKV-PC's first stage, which gets
-    `pc_budget`, kernel 32 and the answer length as draft tokens (the released configs)."""
+    config of the method gets `budget` (see [`_stage_config`]), except SpecKV-PC's first stage, which is the released
+    one (`speckv/speckvpc.py`, `cfg/paper/speckvpc2048/**`): `pc_budget` tokens (2,048 by default), kernel and
+    neighbours 32 and a 20-token draft preview (transformers' default `max_new_tokens`, which the released code
+    leaves in place), whatever the answer length; SpecKV then reuses those 20 tokens as its lookahead."""
     spec = get_method(name)
     configs = {argument: _stage_config(config_class, spec.name, draft, budget=budget, window_size=window_size,
                                        max_new_tokens=max_new_tokens)
@@ -78,21 +87,21 @@ def method_configs(name: str, draft, *, budget: int | None, max_new_tokens: int,
         configs["specpc_config"] = replace(
             _stage_config(SpecPCConfig, spec.name, draft, budget=pc_budget, window_size=window_size,
                           max_new_tokens=max_new_tokens),
-            kernel_size=32, lookahead_tokens=max_new_tokens,
+            kernel_size=DEFAULT_SPECPC.kernel_size, lookahead_tokens=DEFAULT_SPECPC.lookahead_tokens,
         )
     return configs
 
 
 @torch.no_grad()
 def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: int | None, max_new_tokens: int,
-               pc_budget: int = 1024, window_size: int = 32):
+               pc_budget: int = SPECKV_PC_PROMPT_BUDGET, window_size: int = 32):
     """Runs one method on a (batch of) prompt(s).
 
     Args:
         name: `draft` or a method of the registry (`hf_specapprox.registry.METHODS`).
         budget: KV pairs per layer and KV head for KV methods (SpecKV-PC's second stage too), prompt tokens for
             prompt-compression methods; ignored by `full` and `draft`.
-        pc_budget: SpecKV-PC's first-stage prompt budget.
+        pc_budget: SpecKV-PC's first-stage prompt budget (2,048 as released).
         window_size: SpecKV/SnapKV window (lowered below the budget, with a warning).
 
     Returns:
@@ -108,8 +117,9 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     configs = method_configs(spec.name, draft, budget=budget, max_new_tokens=max_new_tokens, pc_budget=pc_budget,
                              window_size=window_size)
     prepared = spec.build(draft if spec.uses_draft else None, **configs)(target, input_ids, attention_mask)
-    sequences = _greedy(target, prepared.input_ids, prepared.attention_mask, max_new_tokens,
-                        **prepared.cache_kwargs(target))
+    inputs = prepared.model_inputs  # position_ids too, for a method that keeps original positions (SpecPrefill)
+    sequences = _greedy(target, inputs.pop("input_ids"), inputs.pop("attention_mask", None), max_new_tokens,
+                        **inputs, **prepared.cache_kwargs(target))
     if prepared.compressed is not None:
         stats["kept_tokens"] = prepared.compressed.kept_lengths.tolist()
         if prepared.cache is None:

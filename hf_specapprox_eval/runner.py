@@ -56,7 +56,7 @@ def read_merged_results(out_path) -> list[dict]:
 
 
 def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengths, num_samples, out_path,
-             prompt_budgets=None, pc_budget: int = 1024, haystack: str = "noise", seed: int = 0,
+             prompt_budgets=None, pc_budget: int = 2048, haystack: str = "noise", seed: int = 0,
              shard: tuple[int, int] | None = None) -> list[dict]:
     """Runs every (sample, method, budget) not already in `out_path` and appends its row there.
 

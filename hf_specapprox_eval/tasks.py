@@ -111,12 +111,21 @@ def _key(rng: random.Random) -> str:
     return "-".join(rng.sample(WORDS, 2))
 
 
+#: Answer budget (`max_new_tokens`) of each task.
+ANSWER_TOKENS = {"niah_single": 128, "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128,
+                 "vt": 64, "cwe": 120, "fwe": 64, "qa": 64}
+
+
 def make_sample(task: str, index: int, tokenizer, context_tokens: int, haystack: str = "noise", seed: int = 0):
-    """Builds sample `index` of `task` for `tokenizer` (deterministic in `(task, index, seed, context_tokens)`)."""
+    """Builds sample `index` of `task` for `tokenizer` (deterministic in `(task, index, seed, context_tokens)`).
+
+    Sized as RULER sizes its prompts: prompt + answer budget ≤ `context_tokens` (RULER's `max_seq_length` includes
+    `tokens_to_generate`), so at 4K the paper's SpecKV prefill (prompt + lookahead ≤ 4096) stays dense."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose from {TASKS}.")
     rng = random.Random(f"{task}/{index}/{seed}/{context_tokens}")
-    builder = _PromptBuilder(tokenizer, context_tokens, haystack)
+    answer_tokens = ANSWER_TOKENS[task]
+    builder = _PromptBuilder(tokenizer, max(1, context_tokens - answer_tokens), haystack)
     needle = "One of the special magic numbers for {key} is: {value}."
     if task.startswith("niah"):
         keys = [_key(rng) for _ in range(4)]
@@ -138,7 +147,7 @@ def make_sample(task: str, index: int, tokenizer, context_tokens: int, haystack:
         question = f"What are all the special magic numbers for {what} mentioned in the provided text?"
         prompt = builder.fill(inserts, question, f"The special magic numbers for {what} mentioned in the provided "
                               "text are", rng)
-        return Sample(task, index, prompt, values, "all", 128)
+        return Sample(task, index, prompt, values, "all", answer_tokens)
     if task == "vt":
         names = rng.sample([w.upper() for w in WORDS], 5)
         value = _number(rng)
@@ -146,7 +155,7 @@ def make_sample(task: str, index: int, tokenizer, context_tokens: int, haystack:
         question = f"Find all variables that are assigned the value {value} in the text above."
         prompt = builder.fill(inserts, question, f"Answer: According to the chain(s) of variable assignment in the "
                               f"text above, 5 variables are assigned the value {value}, they are:", rng)
-        return Sample(task, index, prompt, names, "all", 64)
+        return Sample(task, index, prompt, names, "all", answer_tokens)
     if task in ("cwe", "fwe"):
         common = rng.sample(WORDS, 5 if task == "cwe" else 3)
         rare = [w for w in WORDS if w not in common]
@@ -157,14 +166,14 @@ def make_sample(task: str, index: int, tokenizer, context_tokens: int, haystack:
         question = f"What are the {count} most common words in the above list?"
         prompt = builder.fill(inserts, question, f"Answer: The top {count} words appearing most often in the list "
                               "are:", rng)
-        return Sample(task, index, prompt, common, "all", 120 if task == "cwe" else 64)
+        return Sample(task, index, prompt, common, "all", answer_tokens)
     # qa: a fact about a fictional person hidden among distractor facts
     people = [f"{rng.choice(WORDS).title()} {rng.choice(WORDS).title()}son" for _ in range(6)]
     cities = rng.sample([w.title() + "ville" for w in WORDS], 6)
     inserts = [f"{p} was born in the town of {c}." for p, c in zip(people, cities)]
     question = f"Answer the question based on the text. Question: In which town was {people[0]} born?"
     prompt = builder.fill(inserts, question, "Answer:", rng)
-    return Sample(task, index, prompt, [cities[0]], "part", 64)
+    return Sample(task, index, prompt, [cities[0]], "part", answer_tokens)
 
 
 def make_samples(tasks, tokenizer, context_tokens: int, num_samples: int, haystack: str = "noise", seed: int = 0):

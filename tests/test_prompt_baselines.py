@@ -33,10 +33,12 @@ def test_chunk_selection_equals_reference(length, budget, chunk, pad, seed):
 
 
 @torch.no_grad()
-def test_specprefill_scores_are_the_last_tokens_attention():
+def test_specprefill_last_token_variant_scores_are_the_last_tokens_attention():
+    # SpecPrefill's `look_ahead_cnt=1` variant without pooling (its defaults: tests/test_faithful_defaults.py)
     draft = tiny_model("llama", seed=3, num_layers=2, attn_implementation="eager")
     ids, mask = random_batch(2, 30, [0, 5], seed=4)
-    out = hs.SpecPrefillPreprocessor(draft, max_capacity_prompt=12, chunk_size=4)(ids, mask)
+    out = hs.SpecPrefillPreprocessor(draft, max_capacity_prompt=12, chunk_size=4, lookahead_tokens=1,
+                                     pool_kernel_size=1, keep_original_positions=False)(ids, mask)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     attentions = draft(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True).attentions
     expected = torch.stack([a[:, :, -1, :] for a in attentions]).amax(dim=(0, 2)).masked_fill(~mask.bool(), 0)
