@@ -126,3 +126,9 @@ def test_compatibility_page_is_generated_from_tox_ini():
         "docs/compatibility.md is stale: run `python tools/gen_compatibility.py`")
     for env in ("tf456", "tf5"):
         assert f"| `{env}` |" in render(tox_ini)
+
+
+def test_upstream_page_shows_the_exact_patch():
+    page = (ROOT / "docs" / "upstream.md").read_text()
+    patch = (ROOT / "upstream" / "transformers-5.24.0-cache-prepare-prefill.patch").read_text()
+    assert f"```diff\n{patch.rstrip()}\n```" in page, "docs/upstream.md must show upstream/*.patch exactly"
