@@ -12,6 +12,10 @@ cache's `prepare_prefill` itself (docs/upstream.md), [`bind`] emulates that hook
 
 All of it is per model instance, holds no state of its own (everything lives in each call's cache) and is removed by
 [`unbind`]. A model given any other cache, or none, behaves exactly as before.
+
+Where transformers calls `Cache.prepare_prefill` itself (see `compat.has_native_prepare_prefill`), `generate` does the
+first two for any model, so [`bind`] installs only the scoring attention (for concurrent calls); a forward outside
+`generate` then needs the explicit step (`cache.prepare_prefill(...)`) first.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ class _FirstOf:
 
 @dataclass
 class _Binding:
-    hook: Any  # torch.utils.hooks.RemovableHandle
+    hook: Any  # torch.utils.hooks.RemovableHandle, or None where transformers calls `prepare_prefill` itself
     attention: list  # what `restore_attention` needs
     had_own_generate: bool
     previous_generate: Any
@@ -101,7 +105,8 @@ def bind(model: torch.nn.Module) -> torch.nn.Module:
 
     The binding is idempotent and inert for every other cache: a bound model given a `DynamicCache` (or none) computes
     exactly what it did before. It is per instance and leaves the model's class and transformers untouched; undo it
-    with [`unbind`].
+    with [`unbind`]. On a transformers whose `generate` calls `Cache.prepare_prefill` itself, it only keeps the
+    scoring attention installed (so concurrent calls share no per-call switch): `generate` needs nothing else there.
 
     Args:
         model (`PreTrainedModel`): the target, e.g. an `AutoModelForCausalLM`. A `peft.PeftModel` with weight adapters
@@ -124,11 +129,13 @@ def bind(model: torch.nn.Module) -> torch.nn.Module:
     if is_bound(inner):
         return model
     attention = install_scoring_attention(inner)
-    hook = inner.register_forward_pre_hook(_prefill_hook, with_kwargs=True)
     had_own_generate = "generate" in vars(inner)
     previous = vars(inner).get("generate")
-    if hasattr(inner, "generate"):
-        inner.generate = _BoundGenerate(inner, inner.generate)
+    hook = None
+    if not compat.has_native_prepare_prefill():  # else `generate` hands the cache its prompt itself
+        hook = inner.register_forward_pre_hook(_prefill_hook, with_kwargs=True)
+        if hasattr(inner, "generate"):
+            inner.generate = _BoundGenerate(inner, inner.generate)
     setattr(inner, _BINDING_ATTRIBUTE, _Binding(hook, attention, had_own_generate, previous))
     return model
 
@@ -139,7 +146,8 @@ def unbind(model: torch.nn.Module) -> torch.nn.Module:
     binding = getattr(inner, _BINDING_ATTRIBUTE, None)
     if not isinstance(binding, _Binding):
         return model
-    binding.hook.remove()
+    if binding.hook is not None:
+        binding.hook.remove()
     restore_attention(binding.attention)
     if isinstance(vars(inner).get("generate"), _BoundGenerate):
         if binding.had_own_generate:

@@ -13,7 +13,7 @@ import copy
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from . import compat, prefill, scoring
 from .binding import ModelBoundCache, bind
@@ -42,6 +42,28 @@ _UNBOUND_MESSAGE = (
     "`model.generate(...)` again with the cache, or fill it first with `cache.prepare_prefill(model, input_ids, "
     "{{'attention_mask': attention_mask}})`."
 )
+# Where `generate` calls `Cache.prepare_prefill` itself, only a forward outside `generate` can reach an empty cache.
+_UNFILLED_MESSAGE = (
+    "{cls} reached a model forward before it saw the prompt ids. `generate` fills it itself (this transformers calls "
+    "`Cache.prepare_prefill`); for a forward of your own, fill it first with `cache.prepare_prefill(model, input_ids, "
+    "{{'attention_mask': attention_mask}})`."
+)
+
+
+def _unbound_error(cache) -> UnboundCacheError:
+    message = _UNFILLED_MESSAGE if compat.has_native_prepare_prefill() else _UNBOUND_MESSAGE
+    return UnboundCacheError(message.format(cls=type(cache).__name__))
+
+
+class _FirstLayerKeys(DynamicCache):
+    """A `DynamicCache` that also keeps the keys layer 0 received in its last `update`."""
+
+    first_keys: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:
+            self.first_keys = key_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 class PromptCompressionCache(ModelBoundCache, Cache):
@@ -61,6 +83,9 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         self.lookahead_valid: torch.Tensor | None = None
         self._prefill_state = None
         self._consumed: list[torch.Tensor] | None = []  # ids fed so far (padding as -1), in chunks; None: unknown
+        # Layer 0's keys of the positions fed after them by forwards whose ids the cache did not see (transformers'
+        # own `generate` on an unbound model): checked against the next call's ids (see `continues`).
+        self._unseen_keys: list[torch.Tensor] = []
         if model is not None:
             bind(model)
 
@@ -89,8 +114,11 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         if self._prefill_state is not None:
             return self._prefill_state.update(layer_idx, key_states, value_states, args, kwargs)
         if not self.layers:
-            raise UnboundCacheError(_UNBOUND_MESSAGE.format(cls=type(self).__name__))
-        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+            raise _unbound_error(self)
+        output = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        if layer_idx == 0 and not compat.is_compiling():
+            self._note_unseen(key_states)
+        return output
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if not self.layers:
@@ -99,7 +127,7 @@ class PromptCompressionCache(ModelBoundCache, Cache):
 
     def get_mask_sizes(self, query_length_or_cache_position, layer_idx: int = 0) -> tuple[int, int]:
         if not self.layers:
-            raise UnboundCacheError(_UNBOUND_MESSAGE.format(cls=type(self).__name__))
+            raise _unbound_error(self)
         return self.layers[layer_idx].get_mask_sizes(query_length_or_cache_position)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
@@ -119,7 +147,10 @@ class PromptCompressionCache(ModelBoundCache, Cache):
             layer.crop(max_length)
         consumed = self.consumed_ids
         if consumed is not None:
-            self._consumed = [consumed[:, : self.get_seq_length()]]
+            held = self.get_seq_length()
+            self._consumed = [consumed[:, :held]]
+            unseen = held - consumed.shape[1]
+            self._unseen_keys = [torch.cat(self._unseen_keys, dim=-2)[..., :unseen, :]] if unseen > 0 else []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -140,6 +171,8 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         consumed = self.consumed_ids
         if consumed is not None:
             self._consumed = [function(consumed)]
+        if self._unseen_keys:
+            self._unseen_keys = [function(torch.cat(self._unseen_keys, dim=-2))]
 
     def reset(self) -> None:
         """Forgets the prompt and everything derived from it (layers, draft tokens, consumed ids); the configuration
@@ -151,6 +184,7 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         self.lookahead_valid = None
         self._prefill_state = None
         self._consumed = []
+        self._unseen_keys = []
 
     def __deepcopy__(self, memo):
         # transformers' prompt-reuse recipe deep-copies a filled cache: the copy gets its own tensors, but models the
@@ -172,8 +206,10 @@ class PromptCompressionCache(ModelBoundCache, Cache):
     # ----------------------------------------------------------------------------------------------------------------
     @property
     def consumed_ids(self) -> torch.Tensor | None:
-        """The token ids the cache has consumed so far, `(batch, get_seq_length())`, with `-1` on padding; `None` when
-        unknown (e.g. a forward given only `inputs_embeds`)."""
+        """The token ids the cache has seen consumed so far, `(batch, n)` with `-1` on padding; `None` when unknown
+        (e.g. a forward given only `inputs_embeds`). `n` is `get_seq_length()`, or less after forwards whose ids the
+        cache did not see (transformers' own `generate` on an unbound model): the next `generate` call's ids are
+        checked against the keys those forwards stored (see [`continues`])."""
         if self._consumed is None:
             return None
         if not self._consumed:
@@ -181,6 +217,54 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         if len(self._consumed) > 1:
             self._consumed = [torch.cat(self._consumed, dim=1)]
         return self._consumed[0]
+
+    def _recorded_width(self) -> int:
+        if len(self._consumed) > 16:
+            self._consumed = [torch.cat(self._consumed, dim=1)]
+        if len(self._unseen_keys) > 16:
+            self._unseen_keys = [torch.cat(self._unseen_keys, dim=-2)]
+        return sum(ids.shape[1] for ids in self._consumed) + sum(keys.shape[-2] for keys in self._unseen_keys)
+
+    def _note_unseen(self, key_states: torch.Tensor) -> None:
+        """Keeps layer 0's keys of the positions a forward fed without the cache seeing their ids."""
+        if self._consumed is None:
+            return
+        unseen = int(self.layers[0].get_seq_length()) - self._recorded_width()
+        rows = next((chunk.shape[0] for chunk in (*self._consumed, *self._unseen_keys)), key_states.shape[0])
+        if unseen > key_states.shape[-2] or rows != key_states.shape[0]:
+            self._consumed = None  # not a record of one sequence any more: the next call is a new prompt
+        elif unseen > 0:
+            self._unseen_keys.append(key_states[..., key_states.shape[-2] - unseen :, :].detach())
+
+    def _unseen_ids_match(self, model, input_ids, attention_mask, start: int, stop: int, repeats: int) -> bool:
+        """Whether `input_ids[:, start:stop]` are the tokens whose layer-0 keys the cache stored unseen.
+
+        Layer 0's keys depend only on each token and its position, so one backbone forward over those tokens (with a
+        throwaway `DynamicCache`) recomputes them; other tokens give other keys.
+        """
+        expected = torch.cat(self._unseen_keys, dim=-2)
+        ids = input_ids[:, start:stop].to(model.device)
+        if attention_mask is None:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            positions = torch.arange(start, stop, device=ids.device).expand_as(ids)
+        else:
+            mask = attention_mask.to(ids.device).bool()
+            valid = mask[:, start:stop]
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:stop]
+        recorder = _FirstLayerKeys()
+        backbone = model.base_model
+        with torch.no_grad():
+            backbone(input_ids=ids, position_ids=positions, use_cache=True,
+                     **{compat.cache_kwarg_name(backbone): recorder})
+        actual = recorder.first_keys
+        if actual is None or actual.shape[-2] != expected.shape[-2]:
+            return False
+        if repeats > 1:
+            actual, valid = actual.repeat_interleave(repeats, dim=0), valid.repeat_interleave(repeats, dim=0)
+        expected = expected.to(actual.device).float()
+        difference = (actual.float() - expected).abs().amax(dim=(1, 3))  # (rows, positions)
+        tolerance = 1e-2 * float(expected.abs().amax()) + 1e-5
+        return bool((difference[valid.to(difference.device)] <= tolerance).all())
 
     def _record_consumed(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         """Appends what a forward feeds the cache; `attention_mask` may cover earlier positions too (its last
@@ -197,27 +281,42 @@ class PromptCompressionCache(ModelBoundCache, Cache):
             return
         self._consumed.append(ids)
 
-    def continues(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bool:
+    def continues(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, model=None) -> bool:
         """Whether `input_ids` (a whole sequence, as `generate` receives it) continue what this cache consumed: they
         start with every consumed token (same padding) and add at least one. A cache filled for `r` times fewer rows
         than it holds (beams, `num_return_sequences`) compares each row `r` times, as `generate` expands them.
 
+        Positions fed by forwards whose ids the cache did not see (transformers' own `generate` on an unbound model)
+        are compared through the keys they stored, which needs `model` (without it they never match).
+
         This is `DynamicCache`'s rule made explicit; any other ids are a new prompt.
         """
         consumed = self.consumed_ids
-        if consumed is None or consumed.shape[1] == 0 or input_ids is None:
+        held = self.get_seq_length()
+        if consumed is None or input_ids is None or held == 0 or input_ids.shape[1] <= held:
             return False
-        if consumed.shape[1] != self.get_seq_length() or input_ids.shape[1] <= consumed.shape[1]:
+        known = consumed.shape[1]
+        unseen = sum(keys.shape[-2] for keys in self._unseen_keys)
+        if known + unseen != held:
             return False
-        if consumed.shape[0] % input_ids.shape[0]:
+        rows = consumed.shape[0] if known else self._unseen_keys[0].shape[0]
+        if rows % input_ids.shape[0]:
             return False
-        ids = input_ids[:, : consumed.shape[1]]
+        repeats = rows // input_ids.shape[0]
+        ids = input_ids[:, :held]
         if attention_mask is not None:
-            ids = ids.masked_fill(~attention_mask[:, : consumed.shape[1]].bool().to(ids.device), -1)
-        repeats = consumed.shape[0] // input_ids.shape[0]
+            ids = ids.masked_fill(~attention_mask[:, :held].bool().to(ids.device), -1)
         if repeats > 1:
             ids = ids.repeat_interleave(repeats, dim=0)
-        return torch.equal(ids.to(consumed.device), consumed)
+        if known and not torch.equal(ids[:, :known].to(consumed.device), consumed):
+            return False
+        if unseen:
+            if model is None or not self._unseen_ids_match(model, input_ids, attention_mask, known, held, repeats):
+                return False
+            # Those positions are now known: they hold what the ids say.
+            self._consumed = [ids.to(consumed.device if known else ids.device)]
+            self._unseen_keys = []
+        return True
 
     @torch.no_grad()
     def prepare_prefill(self, model, input_ids: torch.Tensor, model_kwargs: dict | None = None,
@@ -228,14 +327,15 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         the cache forgets the old one and holds, afterwards, the compressed first `L - 1` positions of the new one;
         `generate(input_ids, ..., cache=this)` then computes the last prompt token against them, on any model (bound
         or not) and on every supported transformers version. A prompt that fits the budget leaves the cache empty
-        (an ordinary prefill follows).
+        (an ordinary prefill follows). A transformers whose `generate` calls `Cache.prepare_prefill` itself (see
+        docs/upstream.md) runs this step once per call with the expanded prompt.
 
         Args:
             model (`PreTrainedModel`): the target.
             input_ids (`torch.LongTensor` of shape `(batch, length)`): the whole prompt, left-padded.
             model_kwargs (`dict`, *optional*): `generate`'s model kwargs; its `attention_mask` is used.
             generation_config (`GenerationConfig`, *optional*): checked for what a compressing cache cannot serve
-                (`use_cache=False`, `prefill_chunk_size`).
+                (`use_cache=False`, `prefill_chunk_size`, the prompt's attentions or hidden states).
             expand_size (`int`, *optional*, defaults to 1): repeat every row this many times after filling, as
                 `generate` repeats the prompt for `num_beams` × `num_return_sequences` (it does not expand a cache it
                 is given). Leave it at 1 when the ids are already expanded.
@@ -250,15 +350,19 @@ class PromptCompressionCache(ModelBoundCache, Cache):
         """
         model_kwargs = model_kwargs or {}
         attention_mask = model_kwargs.get("attention_mask")
-        if self.continues(input_ids, attention_mask):
-            return
         prefill.refuse_unservable_generation(self, model_kwargs, generation_config)
+        if input_ids is not None and input_ids.shape[-1] == 0 and model_kwargs.get("inputs_embeds") is not None:
+            input_ids = None  # `generate` hands a prompt given as embeddings over with empty ids
+        if self.continues(input_ids, attention_mask, model=model):
+            return
         if expand_size < 1:
             raise ValueError(f"`expand_size` must be >= 1, got {expand_size}.")
-        self.reset()
+        prefill.refuse_prompt_outputs(self, model_kwargs, generation_config)
         attention_mask = prefill.check_prompt(self, input_ids, attention_mask)
         if self.static_decode_tokens is not None:
             self._check_static_model(model)
+            self._check_static_generation(model_kwargs, generation_config)
+        self.reset()
         prefill.fill_cache(self, model, input_ids, attention_mask)
         if expand_size > 1:
             self.batch_repeat_interleave(expand_size)
@@ -276,7 +380,7 @@ class PromptCompressionCache(ModelBoundCache, Cache):
                     "Pass `input_ids` (or call `cache.reset()` first)."
                 )
             return
-        if not self.continues(input_ids, model_kwargs.get("attention_mask")):
+        if not self.continues(input_ids, model_kwargs.get("attention_mask"), model=model):
             self.reset()
             if self.static_decode_tokens is not None:
                 self._check_static_generation(model_kwargs, generation_config)

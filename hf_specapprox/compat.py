@@ -7,6 +7,8 @@ The library supports transformers 4.56 up to the newest 5.x. The differences it 
 * 5.13 added `get_max_length` next to `get_max_cache_shape`; 5.20 removed the old name.
 * 5.15 made `Cache.crop` accept only a negative number of tokens to remove (earlier versions take an absolute length).
 * 5.24 renamed the `past_key_values` argument of `generate` and of the models' `forward` to `cache`.
+* A transformers whose `generate` calls `Cache.prepare_prefill` itself (the change proposed in docs/upstream.md, run
+  in the `upstream` tox env from a patched 5.24) needs no binding hooks: see [`has_native_prepare_prefill`].
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 import transformers
 from packaging.version import Version
+from transformers.cache_utils import Cache as _TransformersCache
 
 TRANSFORMERS_VERSION = Version(Version(transformers.__version__).base_version)
 
@@ -26,6 +29,18 @@ TRANSFORMERS_VERSION = Version(Version(transformers.__version__).base_version)
 _CROP_NEGATIVE_ONLY = TRANSFORMERS_VERSION >= Version("5.15")
 
 CACHE_KWARG_NAMES = ("cache", "past_key_values")
+
+# `generate` calls `Cache.prepare_prefill` once per call with the full prompt (docs/upstream.md): not in a release yet.
+_NATIVE_PREPARE_PREFILL = "prepare_prefill" in vars(_TransformersCache)
+
+
+def has_native_prepare_prefill() -> bool:
+    """Whether transformers' `generate` hands every call's full prompt to `Cache.prepare_prefill` itself.
+
+    Where it does, [`bind`] installs neither its `generate` wrapper nor its forward pre-hook (transformers runs the
+    step they emulate), only the scoring attention for the bound life.
+    """
+    return _NATIVE_PREPARE_PREFILL
 
 
 def query_length_from_mask_arg(query_length_or_cache_position: int | torch.Tensor) -> int:

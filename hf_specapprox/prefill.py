@@ -13,8 +13,9 @@ For a prompt of `L` tokens (left-padded) and a budget `C < L`:
 Sliding-window layers store the first `L - 1` prompt tokens as `DynamicCache` would have.
 
 Two entry points share this: [`fill_cache`], the public step (`PromptCompressionCache.prepare_prefill`, the shape of
-the upstream `Cache.prepare_prefill` hook), and [`prepare_forward`], the body of a bound model's forward pre-hook, which
-fills a fresh cache from the first forward's prompt and lets that forward run on the last prompt token only.
+the upstream `Cache.prepare_prefill` hook, which a transformers with that hook calls itself), and [`prepare_forward`],
+the body of a bound model's forward pre-hook (where `generate` has no such hook), which fills a fresh cache from the
+first forward's prompt and lets that forward run on the last prompt token only.
 """
 
 from __future__ import annotations
@@ -253,6 +254,17 @@ def refuse_unservable_generation(cache, model_kwargs: dict, generation_config) -
         )
 
 
+def refuse_prompt_outputs(cache, model_kwargs: dict, generation_config) -> None:
+    """Raises, before any work, when the prompt's attentions or hidden states are asked for (a new prompt only)."""
+    for flag in ("output_attentions", "output_hidden_states"):
+        if any(_setting(source, flag) for source in (model_kwargs, generation_config)):
+            raise ValueError(
+                f"`{flag}=True` with a {type(cache).__name__}: the compressing prefill does not return the prompt's "
+                f"{flag[7:].replace('_', ' ')} (its forward computes only the last prompt token against the compressed "
+                "cache). Run the prompt through the model with a `DynamicCache` to inspect them."
+            )
+
+
 def _setting(source, name: str):
     if source is None:
         return None
@@ -277,13 +289,7 @@ def prepare_forward(cache: PromptCompressionCache, model, args: tuple, kwargs: d
         cache._check_continuation(input_ids, attention_mask)
         cache._record_consumed(input_ids, attention_mask)
         return args, kwargs
-    for flag in ("output_attentions", "output_hidden_states"):
-        if kwargs.get(flag):
-            raise ValueError(
-                f"`{flag}=True` with a {type(cache).__name__}: the compressing prefill does not return the prompt's "
-                f"{flag[7:].replace('_', ' ')} (its forward computes only the last prompt token against the compressed "
-                "cache). Run the prompt through the model with a `DynamicCache` to inspect them."
-            )
+    refuse_prompt_outputs(cache, kwargs, None)
     cache.reset()
     # Assisted decoding's first forward is `prompt + candidates` and asks for the logits of the candidates too: only
     # the prompt is compressed; the candidates are evaluated against it and appended (so a rejection can crop them).

@@ -8,7 +8,8 @@ import transformers
 from transformers import DynamicCache
 
 import hf_specapprox as hs
-from hf_specapprox import scoring
+from hf_specapprox import compat, scoring
+from test_oracle import assert_matches_oracle
 from tiny_models import random_batch, tiny_model
 
 
@@ -78,7 +79,15 @@ def test_right_padding(pair):
     mask[1, -4:] = 0
     cache = hs.SpecKVCache(draft=draft, model=target, max_capacity_prompt=12, window_size=3)
     with pytest.raises(ValueError, match="padding_side = 'left'"):
-        target(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        generate(target, cache, ids, mask)
+    with pytest.raises(ValueError, match="padding_side = 'left'"):
+        cache.prepare_prefill(target, ids, {"attention_mask": mask})
+    if compat.has_native_prepare_prefill():  # no forward hook there: a forward of one's own needs the explicit step
+        with pytest.raises(hs.UnboundCacheError, match="prepare_prefill"):
+            target(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    else:  # the binding's forward pre-hook takes a fresh cache's first forward for the prompt
+        with pytest.raises(ValueError, match="padding_side = 'left'"):
+            target(input_ids=ids, attention_mask=mask, past_key_values=cache)
 
 
 def test_unbound_cache(pair):
@@ -86,8 +95,17 @@ def test_unbound_cache(pair):
     hs.unbind(target)
     ids, _ = random_batch(1, 30, [0])
     cache = hs.SpecKVCache(draft=draft, max_capacity_prompt=12, window_size=3)
-    with pytest.raises(hs.UnboundCacheError, match=r"hf_specapprox.bind\(model\)"):
-        generate(target, cache, ids)
+    if not compat.has_native_prepare_prefill():
+        with pytest.raises(hs.UnboundCacheError, match=r"hf_specapprox.bind\(model\)"):
+            generate(target, cache, ids)
+        return
+    # transformers' own generate hands the cache its prompt: an unbound model is served, exactly as a bound one.
+    out = target.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True, output_logits=True)
+    assert cache.is_compressed
+    assert_matches_oracle(target, cache, ids, torch.ones_like(ids), out)
+    with pytest.raises(hs.UnboundCacheError, match="prepare_prefill"):  # a forward outside generate: fill it first
+        target(input_ids=ids, past_key_values=hs.SpecKVCache(draft=draft, max_capacity_prompt=12, window_size=3))
 
 
 def test_linear_attention_model_is_refused(pair):
@@ -178,7 +196,8 @@ def test_bind_is_idempotent_and_unbind_restores_hooks():
     hooks_before = dict(target._forward_pre_hooks)
     hs.bind(target)
     hs.bind(target)
-    assert hs.is_bound(target) and len(target._forward_pre_hooks) == len(hooks_before) + 1
+    hooks_added = 0 if compat.has_native_prepare_prefill() else 1  # generate calls `prepare_prefill` itself there
+    assert hs.is_bound(target) and len(target._forward_pre_hooks) == len(hooks_before) + hooks_added
     hs.unbind(target)
     assert not hs.is_bound(target) and dict(target._forward_pre_hooks) == hooks_before
     assert not target._forward_pre_hooks_with_kwargs

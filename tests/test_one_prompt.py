@@ -280,7 +280,9 @@ def test_unbind_restores_the_model_exactly():
     target = tiny_model("llama", seed=24)
     before = target.config._attn_implementation
     hs.bind(target)
-    assert hs.is_bound(target) and "generate" in vars(target)
+    # Where transformers calls `Cache.prepare_prefill` itself, bind wraps no `generate` (only the scoring attention).
+    assert hs.is_bound(target) and ("generate" in vars(target)) is not hs.compat.has_native_prepare_prefill()
+    assert target.config._attn_implementation != before  # the scoring wrapper, for the bound life
     hs.unbind(target)
     assert not hs.is_bound(target) and "generate" not in vars(target)
     assert target.config._attn_implementation == before
