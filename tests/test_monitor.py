@@ -5,6 +5,8 @@ Oracle: the returned sequences compared with the draft tokens by plain Python lo
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -53,6 +55,19 @@ def generate(target, ids, mask, **kwargs):
     return target.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
 
+@contextlib.contextmanager
+def no_eos(*models):
+    """Answers of exactly `max_new_tokens` under assisted decoding, where transformers 4.57 refuses `min_new_tokens`."""
+    saved = [model.generation_config.eos_token_id for model in models]
+    try:
+        for model in models:
+            model.generation_config.eos_token_id = None
+        yield
+    finally:
+        for model, eos in zip(models, saved):
+            model.generation_config.eos_token_id = eos
+
+
 def test_assisted_decoding_with_a_cache_counts_the_targets_answer_only(models):
     """Before: the assistant's first call came before the target's prefill, so `agreement` raised "not compressed"
     (and with a tensor source the assistant's candidate tokens were counted)."""
@@ -77,9 +92,10 @@ def test_assisted_decoding_with_the_answer_as_draft_tokens_agrees_fully(models):
     target, _, assistant = models
     for seed in (5, 6):
         ids, _ = random_batch(1, 20, [0], seed=seed)
-        answer = generate(target, ids, None, min_new_tokens=8)[:, 20:]
-        monitor = hs.DraftAgreementMonitor(answer.clone())
-        out = generate(target, ids, None, min_new_tokens=8, assistant_model=assistant, logits_processor=[monitor])
+        with no_eos(target, assistant):
+            answer = generate(target, ids, None)[:, 20:]
+            monitor = hs.DraftAgreementMonitor(answer.clone())
+            out = generate(target, ids, None, assistant_model=assistant, logits_processor=[monitor])
         assert torch.equal(out[:, 20:], answer)
         assert monitor.agreement(out).tolist() == [1.0]
         assert monitor.matched_prefix(out).tolist() == [8]
@@ -93,8 +109,8 @@ def test_assisted_decoding_with_chosen_draft_tokens(models):
     chosen_valid = torch.tensor([[True, True, True, True, True, False]])
     cache = hs.SpecKVCache(model=target, lookahead_ids=chosen, lookahead_valid=chosen_valid, **SPECKV)
     monitor = hs.DraftAgreementMonitor(cache)
-    out = generate(target, ids, mask, past_key_values=cache, assistant_model=assistant, logits_processor=[monitor],
-                   min_new_tokens=8)
+    with no_eos(target, assistant):
+        out = generate(target, ids, mask, past_key_values=cache, assistant_model=assistant, logits_processor=[monitor])
     agreement, prefix = expected_numbers(out.tolist(), 40, chosen.tolist(), chosen_valid.tolist())
     torch.testing.assert_close(monitor.agreement(out), agreement, equal_nan=True)
     assert monitor.matched_prefix(out).tolist() == prefix
