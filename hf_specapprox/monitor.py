@@ -103,7 +103,9 @@ class DraftAgreementMonitor(LogitsProcessor):
         """Number of leading answer tokens equal to the draft's, per returned sequence.
 
         Args:
-            sequences, prompt_length: as for [`~DraftAgreementMonitor.agreement`].
+            sequences (`torch.LongTensor` or `generate`'s output, *optional*): as for
+                [`~DraftAgreementMonitor.agreement`].
+            prompt_length (`int`, *optional*): as for [`~DraftAgreementMonitor.agreement`].
         """
         return self._compare(sequences, prompt_length)[2]
 

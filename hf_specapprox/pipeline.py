@@ -45,10 +45,11 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
         draft_model (`PreTrainedModel`): the draft (same tokenizer as the target). Not `assistant_model`, which
             would switch on speculative decoding. Needed by every method but the draft-free baselines.
         method (`str`, *optional*, defaults to `"speckv"`): a registered method name.
-        speckv_config ([`SpecKVConfig`], *optional*), specpc_config ([`SpecPCConfig`], *optional*),
-        snapkv_config ([`SnapKVConfig`], *optional*), streamingllm_config ([`StreamingLLMConfig`], *optional*):
-            the knobs (the config arguments of every registered method are accepted); each method reads the ones it
-            needs (SpecKV-PC both `specpc_config` and `speckv_config`).
+        **kwargs:
+            the knobs, as the config arguments of the registered methods (`speckv_config` ([`SpecKVConfig`]),
+            `specpc_config` ([`SpecPCConfig`]), `snapkv_config` ([`SnapKVConfig`]), `streamingllm_config`
+            ([`StreamingLLMConfig`]), all optional); each method reads the ones it needs (SpecKV-PC both
+            `specpc_config` and `speckv_config`).
 
     Example:
 

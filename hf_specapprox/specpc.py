@@ -289,9 +289,10 @@ class SpecPCPreprocessor:
             [`SpecPCOutput`]
 
         Raises:
-            `ValueError` / `TypeError`, before the draft runs: an empty batch or empty prompts (0 tokens), a row that is
-            all padding, right padding or gaps in the mask, a `protected_mask` of another shape, `protected_token_ids`
-            that are not ints, prompt ids the draft cannot embed, or knobs made invalid after construction.
+            ValueError: before the draft runs, for an empty batch or empty prompts (0 tokens), a row that is all
+                padding, right padding or gaps in the mask, a `protected_mask` of another shape, prompt ids the draft
+                cannot embed, or knobs made invalid after construction.
+            TypeError: before the draft runs, for `protected_token_ids` that are not ints or ids that are not integers.
         """
         self._check_config()
         attention_mask = self._check_inputs(input_ids, attention_mask, protected_mask)
