@@ -33,26 +33,25 @@ def _module_rows(module, count_attribute: str) -> int | None:
     return None
 
 
+def _rows_of(model, getter: str, count_attribute: str) -> int | None:
+    try:
+        module = getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        module = None
+    rows = _module_rows(module, count_attribute) if module is not None else None
+    return rows if rows is not None else _config_vocab_size(model)
+
+
 def embeddable_ids(model) -> int | None:
     """Number of token ids `model` can read: the rows of its input embedding (its config's `vocab_size` if the
     embedding does not say), or `None` if unknown. Ids `0 .. embeddable_ids(model) - 1` are valid inputs."""
-    try:
-        embedding = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        embedding = None
-    rows = _module_rows(embedding, "num_embeddings") if embedding is not None else None
-    return rows if rows is not None else _config_vocab_size(model)
+    return _rows_of(model, "get_input_embeddings", "num_embeddings")
 
 
 def emittable_ids(model) -> int | None:
     """Number of token ids `model` can emit: the outputs of its language-model head (its config's `vocab_size` if
     the head does not say), or `None` if unknown. Greedy decoding emits ids `0 .. emittable_ids(model) - 1`."""
-    try:
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        head = None
-    rows = _module_rows(head, "out_features") if head is not None else None
-    return rows if rows is not None else _config_vocab_size(model)
+    return _rows_of(model, "get_output_embeddings", "out_features")
 
 
 def check_draft_compatible(draft, target) -> None:
@@ -233,23 +232,14 @@ def draft_logits_processors(draft, input_ids: torch.Tensor, attention_mask: torc
     """The logits processors `draft.generate(input_ids, attention_mask=attention_mask, do_sample=False,
     max_new_tokens=num_tokens)` applies, as a `LogitsProcessorList` (empty when the generation config enables none).
 
-    Version seam: transformers has no public function for this list, so it is built with the model's own
-    `_get_logits_processor` (after `_prepare_special_tokens`), which `generate` calls; its signature is the same on
-    4.56 and 5.x (keyword arguments only are used). Where a model lacks it, the list is built from the public
-    processor classes for the settings that concern a greedy decoder-only draft (repetition penalty, n-gram
-    blocking, suppressed tokens, minimum new tokens), with a warning naming any other setting that is then ignored.
+    Version seam (`compat.generation_logits_processors`): transformers has no public function for this list. Where a
+    model lacks the private one, the list is built from the public processor classes for the settings that concern a
+    greedy decoder-only draft (repetition penalty, n-gram blocking, suppressed tokens, minimum new tokens), with a
+    warning naming any other setting that is then ignored.
     """
     config = _greedy_generation_config(draft, num_tokens, input_ids.shape[1])
-    if hasattr(draft, "_get_logits_processor") and hasattr(draft, "_prepare_special_tokens"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # generate's own advisories (e.g. about sampling knobs) are not ours
-            draft._prepare_special_tokens(config, kwargs_has_attention_mask=True, device=input_ids.device)
-            return draft._get_logits_processor(
-                generation_config=config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
-                prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=input_ids.device,
-                model_kwargs={"attention_mask": attention_mask},
-            )
-    return _public_logits_processors(config, input_ids.shape[1])
+    processors = compat.generation_logits_processors(draft, config, input_ids, attention_mask)
+    return processors if processors is not None else _public_logits_processors(config, input_ids.shape[1])
 
 
 def _public_logits_processors(config, prompt_length: int) -> LogitsProcessorList:
