@@ -7,6 +7,10 @@ from .cache import PromptCompressionCache, UnboundCacheError
 from .layers import CompressedKVLayer
 from .static_layers import StaticCacheOverflowError, StaticCompressedLayer
 from .config import AttentionSelectionConfig, KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
+from .knorm import KeyNormScorer, KnormCache, KnormConfig
+from .policies import SelectionPolicy
+from .query_sources import DraftPreview, QuerySource
+from .scorers import AttentionScorer, KVScorer, RecencyScorer, ScorerInputs
 from .monitor import DraftAgreementMonitor
 from .pipeline import SpecApproxTextGenerationPipeline
 from .prompt_baselines import RandomPreprocessor, RecencyPreprocessor, SpecPrefillPreprocessor
@@ -16,16 +20,26 @@ from .specpc import SpecPCOutput, SpecPCPreprocessor
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionScorer",
     "AttentionSelectionConfig",
     "CompressedKVLayer",
     "DraftAgreementMonitor",
+    "DraftPreview",
+    "KVScorer",
     "KVSelectionConfig",
+    "KeyNormScorer",
+    "KnormCache",
+    "KnormConfig",
     "PromptCompressionCache",
+    "QuerySource",
     "RandomPreprocessor",
     "RecencyPreprocessor",
+    "RecencyScorer",
+    "ScorerInputs",
+    "SelectionPolicy",
     "SnapKVCache",
-    "SpecApproxTextGenerationPipeline",
     "SnapKVConfig",
+    "SpecApproxTextGenerationPipeline",
     "SpecKVCache",
     "SpecKVConfig",
     "SpecKVPC",

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from .cache import PromptCompressionCache
 from .config import SnapKVConfig, StreamingLLMConfig
-
-
-def _resolve(config, config_cls, config_kwargs):
-    if config is not None and config_kwargs:
-        raise ValueError("Pass either `config` or individual knobs, not both.")
-    if config is None:
-        return config_cls(**config_kwargs)
-    if not isinstance(config, config_cls):
-        raise TypeError(f"`config` must be a {config_cls.__name__}, got {type(config).__name__}.")
-    return config
+from .scorers import AttentionScorer, RecencyScorer
 
 
 class SnapKVCache(PromptCompressionCache):
@@ -34,14 +23,14 @@ class SnapKVCache(PromptCompressionCache):
         **config_kwargs: fields of [`SnapKVConfig`].
     """
 
+    config_class = SnapKVConfig
+    window_counts_last_token = True  # SnapKV's observation window ends with the last prompt token
+
     def __init__(self, config: SnapKVConfig | None = None, model=None, **config_kwargs):
-        super().__init__(_resolve(config, SnapKVConfig, config_kwargs), model=model)
+        super().__init__(config, model=model, **config_kwargs)
 
-    def _window_start(self, prompt_length: int) -> int:
-        return prompt_length - self.config.window_size
-
-    def _query_start(self, prompt_length: int) -> int:
-        return prompt_length - self.config.window_size
+    def build_scorer(self) -> AttentionScorer:
+        return AttentionScorer.from_config(self.config)
 
 
 class StreamingLLMCache(PromptCompressionCache):
@@ -56,21 +45,10 @@ class StreamingLLMCache(PromptCompressionCache):
         **config_kwargs: fields of [`StreamingLLMConfig`].
     """
 
+    config_class = StreamingLLMConfig
+
     def __init__(self, config: StreamingLLMConfig | None = None, model=None, **config_kwargs):
-        super().__init__(_resolve(config, StreamingLLMConfig, config_kwargs), model=model)
+        super().__init__(config, model=model, **config_kwargs)
 
-    def _window_start(self, prompt_length: int) -> int:
-        return prompt_length - 1  # no always-kept window: recency is part of the score
-
-    def _query_start(self, prompt_length: int) -> int:
-        return prompt_length - 1
-
-    def _candidate_scores(self, query, key, *, scaling, query_offset, key_valid, query_valid, num_candidates):
-        batch, num_kv_heads = key.shape[0], key.shape[1]
-        valid = key_valid[:, :num_candidates]
-        positions = torch.arange(num_candidates, device=key.device, dtype=torch.float32)
-        # Rank of each real token from the start of its row: sinks are the first `num_sink_tokens` real tokens.
-        rank_in_row = valid.long().cumsum(-1) - 1
-        recency = positions / max(num_candidates, 1)  # in [0, 1): later is better
-        scores = torch.where(rank_in_row < self.config.num_sink_tokens, torch.full_like(recency, 2.0), recency)
-        return scores.expand(batch, -1)[:, None, :].expand(batch, num_kv_heads, num_candidates)
+    def build_scorer(self) -> RecencyScorer:
+        return RecencyScorer()  # the sinks are the policy's `num_sink_tokens`

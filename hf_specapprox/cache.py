@@ -15,10 +15,13 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from . import compat, prefill, scoring
+from . import compat, prefill
 from .binding import ModelBoundCache, bind
-from .config import KVSelectionConfig
+from .config import KVSelectionConfig, resolve_config
 from .layers import CompressedKVLayer, build_layers
+from .policies import SelectionPolicy
+from .query_sources import QuerySource
+from .scorers import KVScorer
 from .static_layers import StaticCompressedLayer
 
 def _expand_size(model_kwargs: dict, generation_config) -> int:
@@ -67,16 +70,46 @@ class _FirstLayerKeys(DynamicCache):
 
 
 class PromptCompressionCache(ModelBoundCache, Cache):
-    """Base class of the caches that drop prompt KV pairs during the prefill of a bound model.
+    """A transformers `Cache` that drops prompt KV pairs during the prefill: a composition of a scorer, a query
+    source and a selection policy.
 
-    Subclasses decide which tokens are appended as scoring queries (`_lookahead`), where the always-kept window
-    starts (`_window_start`) and how candidates are scored (`_candidate_scores`). This class owns the bookkeeping:
-    the layers, the compressing prefill protocol, and validation of what the model forward receives.
+    * the **query source** ([`QuerySource`], e.g. SpecKV's [`DraftPreview`]) appends tokens after the prompt for the
+      scoring forward; their K/V are never stored;
+    * the **scorer** ([`KVScorer`]) scores, in every full-attention layer, the candidate prompt keys per KV head from
+      the voting rows' post-RoPE queries (the window, the last prompt token and the appended tokens);
+    * the **selection policy** ([`SelectionPolicy`], built from the config: window, sinks, uniform or layer-wise
+      budgets) keeps the window and the best candidates.
+
+    This class owns the rest: the layers, the compressing prefill, batches and padding, continuation, the binding and
+    every transformers version seam. [`SpecKVCache`], [`SnapKVCache`], [`StreamingLLMCache`] and `KnormCache` are
+    subclasses that only name their config class and build their scorer; a composition of your own needs no
+    subclass:
+
+    ```python
+    >>> cache = PromptCompressionCache(AttentionSelectionConfig(max_capacity_prompt=256, layer_budgets="pyramid"),
+    ...                                scorer=KeyNormScorer(), query_source=DraftPreview(draft))
+    ```
+
+    Args:
+        config ([`KVSelectionConfig`], *optional*): the knobs (budget, window, layer budgets, ...), an instance of the
+            class's `config_class`; or pass its fields as keyword arguments instead (not both).
+        model (`PreTrainedModel`, *optional*): the target; if given, it is bound (see [`bind`]).
+        scorer ([`KVScorer`], *optional*): the scorer; subclasses build theirs from the config ([`build_scorer`]).
+        query_source ([`QuerySource`], *optional*): defaults to appending nothing.
+        **config_kwargs: fields of `config_class`.
     """
 
-    def __init__(self, config: KVSelectionConfig, model=None):
+    #: The configuration class this cache takes (and builds from keyword arguments).
+    config_class: type = KVSelectionConfig
+    #: Whether the recent window counts the last prompt token (SnapKV) or lies before it (SpecKV).
+    window_counts_last_token: bool = False
+
+    def __init__(self, config: KVSelectionConfig | None = None, model=None, *, scorer: KVScorer | None = None,
+                 query_source: QuerySource | None = None, **config_kwargs):
         super().__init__(layers=[])
-        self.config = config
+        self.config = resolve_config(self.config_class, config, config_kwargs)
+        self.scorer = scorer
+        self.query_source = query_source if query_source is not None else QuerySource()
         self.prompt_length: int | None = None
         self.prompt_mask: torch.Tensor | None = None
         self.lookahead_ids: torch.Tensor | None = None
@@ -128,7 +161,14 @@ class PromptCompressionCache(ModelBoundCache, Cache):
     def get_mask_sizes(self, query_length_or_cache_position, layer_idx: int = 0) -> tuple[int, int]:
         if not self.layers:
             raise _unbound_error(self)
-        return self.layers[layer_idx].get_mask_sizes(query_length_or_cache_position)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedKVLayer):
+            # transformers builds one mask for all full-attention layers from one layer's sizes. Under layer-wise
+            # budgets the layers hold different numbers of rows: the mask is built for the widest, and the scoring
+            # attention wrapper gives every layer its last `rows + q` columns (see `capture.fit_mask`).
+            layer = max((other for other in self.layers if isinstance(other, CompressedKVLayer)),
+                        key=lambda other: other.num_rows)
+        return layer.get_mask_sizes(query_length_or_cache_position)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self._static_capacity(layer_idx)
@@ -199,7 +239,7 @@ class PromptCompressionCache(ModelBoundCache, Cache):
 
     def _shared_models(self) -> list:
         """Models the cache refers to and that `copy.deepcopy` must share, not copy."""
-        return []
+        return self.query_source.shared_models()
 
     # ----------------------------------------------------------------------------------------------------------------
     # The prompt: the explicit prefill step, and what the cache has consumed
@@ -508,41 +548,21 @@ class PromptCompressionCache(ModelBoundCache, Cache):
                 self.layers[index] = StaticCompressedLayer.from_layer(layer, capacity)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Hooks for subclasses
+    # The composition: scorer, query source, selection policy
     # ----------------------------------------------------------------------------------------------------------------
-    def _validate_model(self, model) -> None:
-        """Raises if this cache cannot serve `model` (checked before any work is done)."""
+    def build_scorer(self) -> KVScorer:
+        """The scorer of the next prefill: the one given at construction; subclasses build theirs from the config
+        (read at every prefill, so edits to the config apply)."""
+        if self.scorer is None:
+            raise ValueError(
+                f"{type(self).__name__} has no scorer: pass `scorer=` (a `KVScorer`) or use a method's cache class "
+                "(SpecKVCache, SnapKVCache, ...)."
+            )
+        return self.scorer
 
-    def _lookahead(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Tokens appended after the prompt for the scoring forward: `(ids, valid)`, both `(batch, n)`."""
-        empty = input_ids.new_zeros((input_ids.shape[0], 0))
-        return empty, empty.bool()
-
-    def _window_start(self, prompt_length: int) -> int:
-        """First always-kept position; candidates are the positions before it, the window runs to `L - 2`."""
-        raise NotImplementedError
-
-    def _query_start(self, prompt_length: int) -> int:
-        """First prompt position whose query votes (all later prompt and lookahead positions vote too)."""
-        raise NotImplementedError
-
-    def _candidate_scores(self, query, key, *, scaling, query_offset, key_valid, query_valid, num_candidates):
-        """Scores of the first `num_candidates` positions, `(batch, num_kv_heads, num_candidates)`.
-
-        The default is attention-based (SpecKV, SnapKV): the window attention of the voting rows, reduced with
-        `config.reduction_type`, restricted to the candidates and pooled with `config.kernel_size`/`pool_type`.
-        """
-        scores = scoring.window_scores(
-            query,
-            key,
-            scaling=scaling,
-            query_offset=query_offset,
-            key_valid=key_valid,
-            query_valid=query_valid,
-            reduction=self.config.reduction_type,
-            implementation=self.config.scoring_implementation,
-        )
-        return scoring.pool_scores(scores[..., :num_candidates], self.config.kernel_size, self.config.pool_type)
+    def selection_policy(self) -> SelectionPolicy:
+        """The selection policy of the next prefill, built from the config."""
+        return SelectionPolicy.from_config(self.config, window_counts_last_token=self.window_counts_last_token)
 
     # ----------------------------------------------------------------------------------------------------------------
     # The compressing prefill, run from the bound model's forward pre-hook (see binding.py)
@@ -554,9 +574,4 @@ class PromptCompressionCache(ModelBoundCache, Cache):
             return None
         return prefill.prepare_forward(self, model, args, kwargs)
 
-    def _validate_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Raises if this cache cannot compress this prompt (checked before any work is done)."""
 
-    def _max_lookahead_tokens(self) -> int:
-        """The most tokens `_lookahead` can append (decides, before any work, whether the prefill may go sparse)."""
-        return 0

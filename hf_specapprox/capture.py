@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -56,10 +58,35 @@ class AttentionObserver:
         raise NotImplementedError
 
 
+def layer_index(module) -> int:
+    """The `layer_idx` of an attention module; raises if it has none (the observers tell layers apart by it)."""
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_idx is None:
+        raise ValueError(f"{type(module).__name__} has no `layer_idx`; hf_specapprox cannot tell its layers apart.")
+    return layer_idx
+
+
+def fit_mask(attention_mask, key):
+    """The last `key_length` columns of a 4-D mask built for more keys than this layer holds.
+
+    transformers builds one mask for every full-attention layer from the sizes one cache layer reports; a compressing
+    cache with layer-wise budgets reports its widest layer's (`PromptCompressionCache.get_mask_sizes`), so a layer
+    holding fewer rows takes the mask's last columns: the same positions' mask as one built for its own size. Every
+    transformers cache layer of 4.56 and later holds exactly as many keys as its mask has columns, so this changes
+    nothing for them.
+    """
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        keys = key.shape[-2]
+        if attention_mask.shape[-1] > keys:
+            return attention_mask[..., -keys:]
+    return attention_mask
+
+
 def _make_wrapper(original_name: str | None):
     def attention_with_scoring(module, query, key, value, attention_mask, **kwargs):
         observer = kwargs.pop(SCORING_KWARG, None)
         attention = _original_attention(module, original_name)
+        attention_mask = fit_mask(attention_mask, key)
         if observer is None:
             return attention(module, query, key, value, attention_mask, **kwargs)
         return observer.attend(module, query, key, value, attention_mask, attention, **kwargs)
@@ -119,6 +146,15 @@ def restore_attention(saved: list) -> None:
     """Undoes [`install_scoring_attention`]."""
     for config, original in saved:
         compat.set_attn_implementation_exact(config, original)
+
+
+def original_attention_names(model) -> set:
+    """The attention implementations the model's layers compute with (behind the scoring wrapper, if installed)."""
+    names = set()
+    for config in _model_configs(model):
+        name = compat.get_attn_implementation(config)
+        names.add(name[len(_PREFIX):] if _is_scoring_name(name) else name)
+    return names
 
 
 def has_scoring_attention(model) -> bool:

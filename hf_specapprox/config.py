@@ -18,6 +18,8 @@ POOL_TYPES = ("max", "mean")
 REDUCTION_TYPES = ("max", "mean")
 SCORING_IMPLEMENTATIONS = ("auto", "torch", "triton")
 SPARSE_PREFILL_MODES = ("auto", "on", "off")
+#: How kept positions are spread over the compressed layers (see `hf_specapprox.policies`).
+LAYER_BUDGETS = ("uniform", "pyramid")
 #: How the draft decodes its lookahead (see `hf_specapprox.draft.generate_lookahead`).
 LOOKAHEAD_DECODING_MODES = ("generation_config", "argmax")
 
@@ -156,26 +158,49 @@ class ConfigMixin:
         return cls.from_dict(stored)
 
 
+def resolve_config(config_class, config, config_kwargs: dict):
+    """`config` if given (checked to be a `config_class`), else `config_class(**config_kwargs)`; never both."""
+    if config is not None and config_kwargs:
+        raise ValueError("Pass either `config` or individual knobs, not both.")
+    if config is None:
+        return config_class(**config_kwargs)
+    if not isinstance(config, config_class):
+        raise TypeError(f"`config` must be a {config_class.__name__}, got {type(config).__name__}.")
+    return config
+
+
 @dataclass
 class KVSelectionConfig(ConfigMixin):
     """Knobs shared by every prompt-KV selection method.
 
     Args:
         max_capacity_prompt (`int`, *optional*, defaults to 1024):
-            Number of prompt positions kept in every full-attention layer and KV head, the recent window included.
-            The last prompt token is re-computed against the compressed cache (as in the paper's code), so a layer
-            holds `max_capacity_prompt + 1` rows after the prefill, then one more per generated token. Prompts that
-            are not longer than this are not compressed.
+            Number of prompt positions kept in every full-attention layer and KV head, the recent window included
+            (the average over the layers under layer-wise budgets). The last prompt token is re-computed against the
+            compressed cache (as in the paper's code), so a layer holds `max_capacity_prompt + 1` rows after the
+            prefill, then one more per generated token. Prompts that are not longer than this are not compressed.
+        layer_budgets (`str`, *optional*, defaults to `"uniform"`):
+            How the kept positions are spread over the compressed layers: `"uniform"` (the same number in every layer,
+            as every method's paper does) or `"pyramid"` (PyramidKV, Cai et al., 2024: more candidates in lower layers,
+            fewer in upper ones, linearly, the same total; every KV head of a layer keeps the same number, so the
+            memory is really saved). Layer-wise budgets need a bound target with `sdpa` or `eager` attention and the
+            dynamic decoding path; see `hf_specapprox.policies.pyramid_budgets`.
+        pyramid_beta (`int`, *optional*, defaults to 20):
+            PyramidKV's `beta`: the top layer keeps `1 / beta` of the average number of candidates.
     """
 
     method: ClassVar[str] = "kv_selection"
 
     max_capacity_prompt: int = 1024
+    layer_budgets: str = "uniform"
+    pyramid_beta: int = 20
 
     def validate(self) -> None:
         """Checks every field (types, ranges, combinations) and raises `TypeError` / `ValueError` with what to change.
         Cheap (no tensors); called at construction and again when the config is used, so edits are checked too."""
         _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
+        _check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
+        _check_positive_int("pyramid_beta", self.pyramid_beta)
 
     def __post_init__(self):
         self.validate()

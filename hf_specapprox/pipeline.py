@@ -36,8 +36,8 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
 
     Each output carries the compression numbers under the `"hf_specapprox"` key: `prompt_tokens` (real tokens of
     the row), `specpc_kept_tokens` and `draft_seconds` (prompt compression), `kv_kept_per_layer` (KV compression: the
-    real prompt positions each full-attention layer and KV head kept for this row, counted as `max_capacity_prompt`
-    counts them, i.e. without the last prompt token, which is always kept; `None` when the batch's prompt fitted the
+    real prompt positions each full-attention layer and KV head kept for this row, averaged over the layers under
+    layer-wise budgets, counted as `max_capacity_prompt` counts them, i.e. without the last prompt token, which is always kept; `None` when the batch's prompt fitted the
     budget and nothing was dropped) and `draft_agreement` (of this returned sequence with the draft's tokens). With
     `return_full_text=True` the text starts with the user's original prompt, not the compressed one.
 
@@ -150,7 +150,8 @@ def _real_kept_per_row(cache, batch: int) -> list[int]:
     """Real (non-padding) prompt positions kept per full-attention layer and KV head, for each of the `batch` input
     rows, counted as `max_capacity_prompt` counts them (the re-fed last prompt token apart). The cache may hold
     `batch * k` rows (beams, `num_return_sequences`): the `k` copies of an input row share its prompt, so the first
-    copy speaks for it. The smallest count over layers and heads is reported (they agree: padding scores lowest)."""
+    copy speaks for it. The smallest count over heads is reported (they agree: padding scores lowest), averaged over the
+    layers and rounded (layers agree too, but under layer-wise budgets, whose average is `max_capacity_prompt`)."""
     counts = []
     for layer_idx in range(len(cache.layers)):
         kept = cache.kept_positions(layer_idx)  # (rows, kv_heads, kept), positions in the left-padded prompt
@@ -159,9 +160,9 @@ def _real_kept_per_row(cache, batch: int) -> list[int]:
         mask = cache.prompt_mask.to(kept.device).bool()  # (rows, prompt_length)
         real = mask.gather(1, kept.reshape(kept.shape[0], -1)).reshape(kept.shape).sum(-1)  # (rows, kv_heads)
         counts.append(real.amin(-1))
-    per_cache_row = torch.stack(counts).amin(0)
+    per_cache_row = torch.stack(counts).float().mean(0)
     copies = per_cache_row.shape[0] // batch
-    return [int(per_cache_row[row * copies]) for row in range(batch)]
+    return [int(round(float(per_cache_row[row * copies]))) for row in range(batch)]
 
 
 PIPELINE_REGISTRY.register_pipeline(

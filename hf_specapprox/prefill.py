@@ -26,9 +26,10 @@ import torch
 from transformers.utils import logging
 
 from . import compat, sparse_attention
-from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
+from .capture import (SCORING_KWARG, AttentionObserver, has_scoring_attention, layer_index, original_attention_names,
+                      scoring_attention)
 from .layers import CompressedKVLayer, build_layers
-from .scoring import select_kept_positions
+from .scorers import ScorerInputs
 
 if TYPE_CHECKING:
     from .cache import PromptCompressionCache
@@ -37,15 +38,22 @@ logger = logging.get_logger(__name__)
 
 
 class PrefillState(AttentionObserver):
-    """Per-forward state of one compressing prefill; reaches the attention functions through a forward kwarg."""
+    """Per-forward state of one compressing prefill; reaches the attention functions through a forward kwarg.
+
+    It holds the composition of the cache for this forward: the scorer and the selection policy (built from the
+    config once per prefill) and each compressed layer's number of candidates to keep.
+    """
 
     def __init__(self, cache: PromptCompressionCache, prompt_length: int, token_valid: torch.Tensor):
         self.cache = cache
         self.prompt_length = prompt_length
         self.token_valid = token_valid  # (batch, prompt + lookahead)
-        self.window_start = cache._window_start(prompt_length)
-        self.query_start = cache._query_start(prompt_length)
-        self.num_selected = cache.config.max_capacity_prompt - (prompt_length - 1 - self.window_start)
+        self.scorer = cache.build_scorer()
+        self.policy = cache.selection_policy()
+        self.window_start = self.policy.window_start(prompt_length)
+        compressed = [index for index, layer in enumerate(cache.layers) if isinstance(layer, CompressedKVLayer)]
+        counts = self.policy.candidate_counts(prompt_length, len(compressed))
+        self.num_selected = dict(zip(compressed, counts))
         self.sparse = uses_sparse_prefill(cache.config, token_valid.shape[1])
         self.pending: set[int] = set()
         self.done: set[int] = set()
@@ -61,9 +69,7 @@ class PrefillState(AttentionObserver):
         return key_states, value_states
 
     def _layer(self, module):
-        layer_idx = getattr(module, "layer_idx", None)
-        if layer_idx is None:
-            raise ValueError(f"{type(module).__name__} has no `layer_idx`; hf_specapprox cannot tell its layers apart.")
+        layer_idx = layer_index(module)
         layer = self.cache.layers[layer_idx]
         return layer_idx, (layer if isinstance(layer, CompressedKVLayer) else None)
 
@@ -71,9 +77,8 @@ class PrefillState(AttentionObserver):
         layer_idx, layer = self._layer(module)
         if layer is None:
             return
-        positions = select_kept_positions(*self._selection_inputs(query, key, scaling))
-        layer.keep(key, value, positions, seen_tokens=self.prompt_length - 1)
-        self.done.add(layer_idx)
+        scores, candidate_valid = self._scores(module, layer_idx, query, key, value, scaling)
+        self._keep(layer_idx, layer, key, value, scores, candidate_valid)
 
     def attend(self, module, query, key, value, attention_mask, attention, **kwargs):
         """Dense prefill: the model's own attention, then the layer is scored. Sparse prefill (paper §2.1, the
@@ -88,37 +93,34 @@ class PrefillState(AttentionObserver):
                 "dense prefill: `sparse_prefill='off'`."
             )
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        scores, candidate_valid, num_selected, window = self._selection_inputs(query, key, scaling)
+        scores, candidate_valid = self._scores(module, layer_idx, query, key, value, scaling)
         config = self.cache.config
         columns = sparse_attention.vertical_columns(
-            scores.masked_fill(~candidate_valid[:, None, :], float("-inf")), config.prefill_vertical_size
+            scores.float().masked_fill(~candidate_valid[:, None, :], float("-inf")), config.prefill_vertical_size
         )
         output = sparse_attention.vertical_slash_attention(
             query, key, value, columns, scaling=scaling, key_valid=self.token_valid.to(key.device),
             window_size=config.prefill_window_size, block_size=config.prefill_block_size,
         )
-        layer.keep(key, value, select_kept_positions(scores, candidate_valid, num_selected, window),
-                   seen_tokens=self.prompt_length - 1)
-        self.done.add(layer_idx)
+        self._keep(layer_idx, layer, key, value, scores, candidate_valid)
         return output, None
 
-    def _selection_inputs(self, query, key, scaling):
-        """`(pooled candidate scores, candidate validity, number to select, window positions)` of one layer."""
+    def _scores(self, module, layer_idx, query, key, value, scaling):
+        """The scorer's `(batch, num_kv_heads, num_candidates)` scores of one layer, and the candidates' validity."""
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        device = key.device
-        valid = self.token_valid.to(device)
-        scores = self.cache._candidate_scores(
-            query[:, :, self.query_start :, :],
-            key,
-            scaling=scaling,
-            query_offset=self.query_start,
-            key_valid=valid,
-            query_valid=valid[:, self.query_start :],
-            num_candidates=self.window_start,
-        )
-        window = torch.arange(self.window_start, self.prompt_length - 1, device=device)
-        return scores, valid[:, : self.window_start], self.num_selected, window
+        valid = self.token_valid.to(key.device)
+        start = self.window_start
+        scores = self.scorer(ScorerInputs(
+            layer_idx=layer_idx, queries=query[:, :, start:, :], keys=key, values=value, scaling=scaling,
+            query_offset=start, key_valid=valid, query_valid=valid[:, start:], num_candidates=start, module=module,
+        ))
+        return scores, valid[:, :start]
+
+    def _keep(self, layer_idx, layer, key, value, scores, candidate_valid) -> None:
+        positions = self.policy.select(scores, candidate_valid, self.num_selected[layer_idx], self.prompt_length)
+        layer.keep(key, value, positions, seen_tokens=self.prompt_length - 1)
+        self.done.add(layer_idx)
 
     def check_complete(self) -> None:
         missing = sorted(self.pending - self.done)
@@ -143,6 +145,37 @@ def check_sparse_prefill_model(model) -> None:
         raise ValueError(
             f"This model caps its attention logits (`attn_logit_softcapping={softcap}`), which the sparse prefill's "
             "kernel does not do. Use a dense prefill: `sparse_prefill='off'`."
+        )
+
+
+#: Attention implementations whose masks are plain 4-D tensors (or none), which layer-wise budgets can cut per layer.
+LAYER_BUDGET_ATTENTIONS = (None, "eager", "sdpa")
+
+
+def check_layer_budgets_model(cache: PromptCompressionCache, model) -> None:
+    """Refuses, before any work, a model on which layers holding different numbers of rows would not decode exactly.
+
+    transformers builds one mask for all full-attention layers; only the scoring attention wrapper of a bound model
+    fits it to each layer's rows (see `capture.fit_mask`), and only masks that are 4-D tensors can be cut.
+    """
+    name = type(cache).__name__
+    if not has_scoring_attention(model):
+        raise ValueError(
+            f"{name} with layer-wise budgets (`layer_budgets='{cache.config.layer_budgets}'`) needs a bound target: "
+            "its layers hold different numbers of rows, and the bound model's attention fits transformers' one mask "
+            "to each. Call `hf_specapprox.bind(model)` once, or use `layer_budgets='uniform'`."
+        )
+    unsupported = sorted(str(name) for name in original_attention_names(model) - set(LAYER_BUDGET_ATTENTIONS))
+    if unsupported:
+        raise ValueError(
+            f"{name} with layer-wise budgets supports the 'sdpa' and 'eager' attention implementations, whose masks it "
+            f"can fit to each layer's rows; this model uses {unsupported}. Load it with `attn_implementation='sdpa'`, "
+            "or use `layer_budgets='uniform'`."
+        )
+    if cache.static_decode_tokens is not None:
+        raise ValueError(
+            f"{name}: static decoding (`use_static_decode`) needs the same rows in every layer, which layer-wise "
+            "budgets do not give. Use the dynamic path (`cache.use_static_decode(None)`) or `layer_budgets='uniform'`."
         )
 
 
@@ -184,10 +217,13 @@ def fill_cache(cache: PromptCompressionCache, model, input_ids: torch.Tensor, at
     built): the following forward is then an ordinary prefill of the whole prompt.
     """
     cache.config.validate()  # a config edited after construction is checked here, before any work
-    cache._validate_model(model)
-    if uses_sparse_prefill(cache.config, input_ids.shape[1] + cache._max_lookahead_tokens()):
+    source = cache.query_source
+    source.validate_model(model)
+    if uses_sparse_prefill(cache.config, input_ids.shape[1] + source.max_tokens(cache.config)):
         check_sparse_prefill_model(model)
-    cache._validate_prompt(input_ids, attention_mask)
+    if not cache.selection_policy().is_uniform:
+        check_layer_budgets_model(cache, model)
+    source.validate_prompt(input_ids, attention_mask)
     cache.layers = build_layers(model.config)
     prompt_length = input_ids.shape[1]
     cache.prompt_length = prompt_length
@@ -200,7 +236,7 @@ def fill_cache(cache: PromptCompressionCache, model, input_ids: torch.Tensor, at
         )
         return False
     try:
-        lookahead_ids, lookahead_valid = cache._lookahead(model, input_ids, attention_mask)
+        lookahead_ids, lookahead_valid = source.tokens(model, input_ids, attention_mask, cache.config)
         lookahead_ids = lookahead_ids.to(input_ids.device)
         lookahead_valid = lookahead_valid.to(attention_mask.device)
         cache.lookahead_ids, cache.lookahead_valid = lookahead_ids, lookahead_valid

@@ -28,7 +28,8 @@ import torch
 from . import compat
 from .baselines import SnapKVCache, StreamingLLMCache
 from .cascade import DEFAULT_SPECKV, DEFAULT_SPECPC, SpecKVPC
-from .config import SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
+from .config import SpecKVConfig, SpecPCConfig
+from .knorm import KnormCache
 from .prompt_baselines import SpecPrefillPreprocessor
 from .speckv import SpecKVCache
 from .specpc import SpecPCOutput, SpecPCPreprocessor
@@ -136,6 +137,15 @@ def _kv_method(cache_for):
     return builder
 
 
+def kv_method(name: str, cache_class, description: str) -> MethodSpec:
+    """A draft-free KV method: a [`PromptCompressionCache`] subclass whose config class is its `config_class`, taken
+    as `<name>_config` (defaults: the config class's own). One line in the registry's list of methods registers it."""
+    argument = f"{name}_config"
+    config_class = cache_class.config_class
+    return MethodSpec(name, "kv", False, description, (argument,), (config_class,), lambda: {argument: config_class()},
+                      _kv_method(lambda draft, config, model: cache_class(config=config, model=model)))
+
+
 def _prompt_method(preprocessor_for):
     def builder(draft, specpc_config):
         preprocessor = preprocessor_for(draft, specpc_config)
@@ -174,13 +184,9 @@ _SPECS = (
     MethodSpec("speckv", "kv", True, "SpecKV: the draft's preview and the prompt window score the target's KV",
                ("speckv_config",), (SpecKVConfig,), lambda: {"speckv_config": replace(DEFAULT_SPECKV)},
                _kv_method(lambda draft, config, model: SpecKVCache(draft=draft, config=config, model=model))),
-    MethodSpec("snapkv", "kv", False, "SnapKV: the prompt's last tokens score the target's KV (no draft)",
-               ("snapkv_config",), (SnapKVConfig,), lambda: {"snapkv_config": SnapKVConfig()},
-               _kv_method(lambda draft, config, model: SnapKVCache(config=config, model=model))),
-    MethodSpec("streamingllm", "kv", False, "StreamingLLM: attention sinks plus the most recent KV (no draft)",
-               ("streamingllm_config",), (StreamingLLMConfig,),
-               lambda: {"streamingllm_config": StreamingLLMConfig()},
-               _kv_method(lambda draft, config, model: StreamingLLMCache(config=config, model=model))),
+    kv_method("snapkv", SnapKVCache, "SnapKV: the prompt's last tokens score the target's KV (no draft)"),
+    kv_method("streamingllm", StreamingLLMCache, "StreamingLLM: attention sinks plus the most recent KV (no draft)"),
+    kv_method("knorm", KnormCache, "Knorm: the keys with the smallest L2 norm (kvpress's KnormPress; no draft)"),
     MethodSpec("specpc", "prompt", True, "SpecPC: the draft's attention picks the prompt tokens the target sees",
                ("specpc_config",), (SpecPCConfig,), lambda: {"specpc_config": SpecPCConfig()},
                _prompt_method(lambda draft, config: SpecPCPreprocessor(draft, config=config))),
@@ -211,4 +217,4 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[key]
 
 
-__all__ = ["METHODS", "MethodSpec", "PreparedInputs", "get_method"]
+__all__ = ["METHODS", "MethodSpec", "PreparedInputs", "get_method", "kv_method"]

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import unwrap_adapters
 from .cache import PromptCompressionCache
-from .config import SpecKVConfig
-from .draft import check_draft_compatible, check_lookahead_ids, generate_lookahead
+from .config import SpecKVConfig, resolve_config
+from .query_sources import DraftPreview
+from .scorers import AttentionScorer
 
 
 class SpecKVCache(PromptCompressionCache):
-    """A transformers `Cache` that compresses the prompt's KV pairs with SpecKV during the prefill.
+    """A transformers `Cache` that compresses the prompt's KV pairs with SpecKV during the prefill: the composition of
+    the draft's preview ([`DraftPreview`]), the window-attention scorer ([`AttentionScorer`], max reduction,
+    max-pool 7) and the window policy.
 
     The draft greedily writes up to `lookahead_tokens` tokens after the prompt. The target then runs once over
     `prompt + lookahead`; in every full-attention layer the queries of the last `window_size + 1` prompt tokens and of
@@ -49,6 +51,8 @@ class SpecKVCache(PromptCompressionCache):
     ```
     """
 
+    config_class = SpecKVConfig
+
     def __init__(
         self,
         draft=None,
@@ -58,79 +62,20 @@ class SpecKVCache(PromptCompressionCache):
         lookahead_valid: torch.Tensor | None = None,
         **config_kwargs,
     ):
-        if config is not None and config_kwargs:
-            raise ValueError("Pass either `config` or individual knobs, not both.")
-        if config is None:
-            config = SpecKVConfig(**config_kwargs)
-        elif not isinstance(config, SpecKVConfig):
-            raise TypeError(f"`config` must be a SpecKVConfig, got {type(config).__name__}.")
-        if draft is None and lookahead_ids is None:
-            raise ValueError(
-                "SpecKVCache needs a `draft` model (or precomputed `lookahead_ids`); use SnapKVCache for draft-free "
-                "compression."
-            )
-        if lookahead_ids is not None and lookahead_ids.dim() != 2:
-            raise ValueError(f"`lookahead_ids` must be (batch, n), got shape {tuple(lookahead_ids.shape)}.")
-        self.draft = None if draft is None else unwrap_adapters(draft, role="draft")
-        self.fixed_lookahead = None
-        self._fixed_lookahead_prompt = None  # the prompt the fixed lookahead belongs to (the first one prefilled)
-        if lookahead_ids is not None:
-            valid = torch.ones_like(lookahead_ids, dtype=torch.bool) if lookahead_valid is None else lookahead_valid
-            self.fixed_lookahead = (lookahead_ids, valid.bool())
-        super().__init__(config, model=model)
+        config = resolve_config(SpecKVConfig, config, config_kwargs)
+        preview = DraftPreview(draft, lookahead_ids=lookahead_ids, lookahead_valid=lookahead_valid)
+        super().__init__(config, model=model, query_source=preview)
 
-    def _shared_models(self) -> list:
-        return [] if self.draft is None else [self.draft]
+    @property
+    def draft(self):
+        """The draft model that writes the preview (`None` when the cache was given fixed `lookahead_ids` only)."""
+        return self.query_source.draft
 
-    def _validate_model(self, model) -> None:
-        if self.draft is not None:
-            check_draft_compatible(self.draft, model)
-        if self.fixed_lookahead is not None:
-            check_lookahead_ids(model, self.fixed_lookahead[0])
+    @property
+    def fixed_lookahead(self):
+        """`(lookahead_ids, lookahead_valid)` given at construction, or `None`."""
+        return self.query_source.fixed
 
-    def _uses_fixed_lookahead(self, input_ids, attention_mask) -> bool:
-        """Fixed `lookahead_ids` belong to one prompt: the first one this cache compresses. Another prompt uses the
-        draft, or is refused when there is none."""
-        if self.fixed_lookahead is None:
-            return False
-        prompt = input_ids.masked_fill(~attention_mask.bool(), -1)
-        if self._fixed_lookahead_prompt is None:
-            self._fixed_lookahead_prompt = prompt
-            return True
-        same = prompt.shape == self._fixed_lookahead_prompt.shape and torch.equal(
-            prompt, self._fixed_lookahead_prompt.to(prompt.device)
-        )
-        if not same and self.draft is None:
-            raise ValueError(
-                "This SpecKVCache was given fixed `lookahead_ids` for one prompt and has no draft, so it cannot "
-                "compress another prompt (the draft tokens would belong to the wrong prompt). Build a new cache for "
-                "each prompt (`SpecKVPC` does), or give the cache a `draft=` to preview new prompts with."
-            )
-        return same
-
-    def _validate_prompt(self, input_ids, attention_mask) -> None:
-        if self._uses_fixed_lookahead(input_ids, attention_mask):
-            ids, _ = self.fixed_lookahead
-            if input_ids.shape[0] % ids.shape[0]:
-                raise ValueError(
-                    f"`lookahead_ids` has {ids.shape[0]} rows but the prompt batch has {input_ids.shape[0]}; give one "
-                    "row per prompt."
-                )
-
-    def _max_lookahead_tokens(self) -> int:
-        fixed = 0 if self.fixed_lookahead is None else self.fixed_lookahead[0].shape[1]
-        return max(fixed, self.config.lookahead_tokens if self.draft is not None else 0)
-
-    def _lookahead(self, model, input_ids, attention_mask):
-        if self.fixed_lookahead is None or not self._uses_fixed_lookahead(input_ids, attention_mask):
-            return generate_lookahead(self.draft, input_ids, attention_mask, self.config.lookahead_tokens,
-                                      decoding=self.config.lookahead_decoding)
-        ids, valid = self.fixed_lookahead
-        repeats = input_ids.shape[0] // ids.shape[0]
-        return ids.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0)
-
-    def _window_start(self, prompt_length: int) -> int:
-        return prompt_length - 1 - self.config.window_size
-
-    def _query_start(self, prompt_length: int) -> int:
-        return prompt_length - 1 - self.config.window_size
+    def build_scorer(self) -> AttentionScorer:
+        """The window attention of the voting rows, reduced and pooled as the config says (max/max-pool 7)."""
+        return AttentionScorer.from_config(self.config)

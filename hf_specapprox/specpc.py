@@ -9,8 +9,8 @@ import torch
 
 from . import scoring
 from .adapters import unwrap_adapters
-from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
-from .config import SpecPCConfig, resolve_specpc_kernel_size
+from .capture import SCORING_KWARG, AttentionObserver, layer_index, scoring_attention
+from .config import SpecPCConfig, resolve_config, resolve_specpc_kernel_size
 from .draft import check_prompt_ids, generate_lookahead
 from .scoring.select import specpc_keep_mask
 
@@ -84,7 +84,7 @@ class _DraftVotes(AttentionObserver):
         self.layers_seen: set[int] = set()
 
     def score_layer(self, module, query, key, value, scaling) -> None:
-        layer_idx = getattr(module, "layer_idx", 0)
+        layer_idx = layer_index(module)
         if layer_idx < self.config.starting_layer_index:
             return
         self.layers_seen.add(layer_idx)
@@ -156,11 +156,7 @@ class SpecPCPreprocessor:
     _uses_draft = True
 
     def __init__(self, draft, config: SpecPCConfig | None = None, tokenizer=None, **config_kwargs):
-        if config is not None and config_kwargs:
-            raise ValueError("Pass either `config` or individual knobs, not both.")
-        self.config = config if config is not None else SpecPCConfig(**config_kwargs)
-        if not isinstance(self.config, SpecPCConfig):
-            raise TypeError(f"`config` must be a SpecPCConfig, got {type(self.config).__name__}.")
+        self.config = resolve_config(SpecPCConfig, config, config_kwargs)
         if self._uses_draft:
             if draft is None:
                 raise ValueError(

@@ -12,10 +12,13 @@ import hf_specapprox as hs
 from hf_specapprox.config import GENERATION_CONFIG_KEY
 
 # One non-default instance per config class, with its fields written out by hand (the oracle for `to_dict`).
-SPARSE_DEFAULTS = {"sparse_prefill": "off", "sparse_prefill_threshold": 4096, "prefill_vertical_size": 2048,
+BUDGET_DEFAULTS = {"layer_budgets": "uniform", "pyramid_beta": 20}
+SPARSE_DEFAULTS = {**BUDGET_DEFAULTS, "sparse_prefill": "off", "sparse_prefill_threshold": 4096, "prefill_vertical_size": 2048,
                    "prefill_window_size": 2048, "prefill_block_size": 64}
 CASES = [
-    (hs.KVSelectionConfig(max_capacity_prompt=77), {"max_capacity_prompt": 77}),
+    (hs.KVSelectionConfig(max_capacity_prompt=77), {"max_capacity_prompt": 77, **BUDGET_DEFAULTS}),
+    (hs.KnormConfig(max_capacity_prompt=50, layer_budgets="pyramid", pyramid_beta=4),
+     {"max_capacity_prompt": 50, "layer_budgets": "pyramid", "pyramid_beta": 4}),
     (hs.AttentionSelectionConfig(max_capacity_prompt=90, window_size=9, kernel_size=3, pool_type="mean"),
      {"max_capacity_prompt": 90, "window_size": 9, "kernel_size": 3, "pool_type": "mean", "reduction_type": "max",
       "scoring_implementation": "auto", **SPARSE_DEFAULTS}),
@@ -26,7 +29,8 @@ CASES = [
     (hs.SnapKVConfig(max_capacity_prompt=64, window_size=8),
      {"max_capacity_prompt": 64, "window_size": 8, "kernel_size": 7, "pool_type": "max", "reduction_type": "mean",
       "scoring_implementation": "auto", **SPARSE_DEFAULTS}),
-    (hs.StreamingLLMConfig(max_capacity_prompt=40, num_sink_tokens=0), {"max_capacity_prompt": 40, "num_sink_tokens": 0}),
+    (hs.StreamingLLMConfig(max_capacity_prompt=40, num_sink_tokens=0), {"max_capacity_prompt": 40, **BUDGET_DEFAULTS,
+                                                                       "num_sink_tokens": 0}),
     (hs.SpecPCConfig(max_capacity_prompt=300, window_size=30, kernel_size=8, neighbor_tokens=2, weighted_query=False,
                      protected_token_ids=(5, 1), num_sink_tokens=2, starting_layer_index=1),
      {"max_capacity_prompt": 300, "window_size": 30, "lookahead_tokens": 1, "lookahead_decoding": "generation_config",
@@ -100,7 +104,7 @@ def test_every_config_dataclass_serialises():
 
     classes = {cls for cls in vars(config_module).values()
                if isinstance(cls, type) and cls.__module__ == config_module.__name__ and hasattr(cls, "__dataclass_fields__")}
-    assert classes == {type(config) for config, _ in CASES}
+    assert classes | {hs.KnormConfig} == {type(config) for config, _ in CASES}  # Knorm's lives in knorm.py
     for config, expected in CASES:  # every field is covered by the hand-written dicts
         assert set(expected) == {field.name for field in fields(config)}
 

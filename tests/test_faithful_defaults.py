@@ -59,7 +59,7 @@ def test_speckv_and_specpc_previews_equal_generate():
     expected = oracle_tokens(draft, ids, mask, n)
     cache = hs.SpecKVCache(draft=draft, max_capacity_prompt=16, window_size=4, lookahead_tokens=n)
     assert cache.config.lookahead_decoding == "generation_config"
-    tokens, valid = cache._lookahead(None, ids, mask)
+    tokens, valid = cache.query_source.tokens(None, ids, mask, cache.config)
     assert_same_valid_tokens(tokens, valid, expected)
     # SpecPC feeds a scoring argument to every draft forward (generate refuses it); the tokens are still generate's
     specpc = hs.SpecPCPreprocessor(draft, max_capacity_prompt=16, window_size=4, lookahead_tokens=n,

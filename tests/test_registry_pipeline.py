@@ -59,11 +59,12 @@ def test_the_pipeline_the_harness_and_the_cli_read_one_registry():
     from hf_specapprox_eval import METHODS as HARNESS_METHODS
     from hf_specapprox_eval.cli import build_parser
 
-    names = ["full", "speckv", "snapkv", "streamingllm", "specpc", "specprefill", "speckv_pc"]
-    assert list(registry.METHODS) == names
+    names = list(registry.METHODS)
+    # the paper's methods and baselines, and Knorm (registered with one line: it must appear everywhere by itself)
+    assert set(names) >= {"full", "speckv", "snapkv", "streamingllm", "knorm", "specpc", "specprefill", "speckv_pc"}
     assert hs.pipeline.METHODS == tuple(names)
-    assert HARNESS_METHODS == {"draft": None, "full": None, "speckv": "kv", "snapkv": "kv", "streamingllm": "kv",
-                               "specpc": "prompt", "specprefill": "prompt", "speckv_pc": "kv"}
+    assert HARNESS_METHODS == {"draft": None, **{name: spec.budget for name, spec in registry.METHODS.items()}}
+    assert HARNESS_METHODS["knorm"] == "kv" and HARNESS_METHODS["specpc"] == "prompt"
     commands = build_parser()._subparsers._group_actions[0].choices
     for command in ("eval", "bench"):
         choices = next(a.choices for a in commands[command]._actions if a.dest == "methods")
