@@ -25,7 +25,8 @@ class QuerySource:
 
         Args:
             model (`PreTrainedModel`): the target.
-            input_ids, attention_mask (`torch.Tensor` of shape `(batch, L)`): the left-padded prompt.
+            input_ids (`torch.LongTensor` of shape `(batch, L)`): the left-padded prompt.
+            attention_mask (`torch.Tensor` of shape `(batch, L)`): its padding mask.
             config: the cache's configuration (read at every prefill, so edits apply).
         """
         empty = input_ids.new_zeros((input_ids.shape[0], 0))

@@ -3,7 +3,7 @@
 A compressing cache is a composition (see [`PromptCompressionCache`]):
 
 * a **query source** appends tokens after the prompt for the scoring forward (SpecKV: the draft's answer preview,
-  [`~hf_specapprox.speckv.DraftPreview`]; SnapKV: nothing);
+  [`~hf_specapprox.query_sources.DraftPreview`]; SnapKV: nothing);
 * a **scorer** ([`KVScorer`]) turns one full-attention layer's post-RoPE queries and keys into one score per
   candidate prompt position and KV head;
 * a **selection policy** ([`~hf_specapprox.policies.SelectionPolicy`]) keeps the always-kept window and sinks and
