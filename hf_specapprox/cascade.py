@@ -9,6 +9,7 @@ import torch
 
 from .adapters import unwrap_adapters
 from .config import SpecKVConfig, SpecPCConfig
+from .distributed import computed_on_first_rank
 from .speckv import SpecKVCache
 from .specpc import SpecPCOutput, SpecPCPreprocessor
 
@@ -53,7 +54,10 @@ class SpecKVPC:
             from .draft import check_draft_compatible
 
             check_draft_compatible(self.draft, model)
-        compressed = self.specpc(input_ids, attention_mask, protected_mask=protected_mask)
+        # A tensor-parallel target: the first rank of its group compresses, the others receive the same prompt.
+        compressed = computed_on_first_rank(
+            model, lambda: self.specpc(input_ids, attention_mask, protected_mask=protected_mask), input_ids.device
+        )
         cache = SpecKVCache(
             config=self.speckv_config, model=model, lookahead_ids=compressed.draft_tokens,
             lookahead_valid=compressed.draft_tokens_valid,

@@ -190,3 +190,17 @@ def static_decode_unsupported_reason(model) -> str | None:
                 "(`_prepare_4d_causal_attention_mask_with_cache_position`), which ignores the cache's mask offset"
             )
     return None
+
+
+def tensor_parallel_kwargs(tp_plan="auto") -> dict:
+    """The `from_pretrained` keyword arguments that shard a model with transformers' own tensor parallelism (under
+    `torchrun`): `distributed_config=DistributedConfig(tp_plan=...)` where transformers has that config (5.x, which
+    deprecates the plain argument), `tp_plan=...` before."""
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        return {"tp_plan": tp_plan}
+    if "tp_plan" not in inspect.signature(DistributedConfig).parameters:
+        return {"tp_plan": tp_plan}
+    return {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
+

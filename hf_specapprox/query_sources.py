@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .adapters import unwrap_adapters
+from .distributed import computed_on_first_rank
 from .draft import check_draft_compatible, check_lookahead_ids, generate_lookahead
 
 
@@ -118,8 +119,12 @@ class DraftPreview(QuerySource):
 
     def tokens(self, model, input_ids, attention_mask, config):
         if self.fixed is None or not self._uses_fixed(input_ids, attention_mask):
-            return generate_lookahead(self.draft, input_ids, attention_mask, config.lookahead_tokens,
-                                      decoding=config.lookahead_decoding)
+            # A tensor-parallel target: the first rank of its group drafts, the others receive the same tokens.
+            return computed_on_first_rank(
+                model, lambda: generate_lookahead(self.draft, input_ids, attention_mask, config.lookahead_tokens,
+                                                  decoding=config.lookahead_decoding),
+                input_ids.device,
+            )
         ids, valid = self.fixed
         repeats = input_ids.shape[0] // ids.shape[0]
         return ids.repeat_interleave(repeats, 0), valid.repeat_interleave(repeats, 0)

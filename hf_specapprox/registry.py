@@ -29,6 +29,7 @@ from . import compat
 from .baselines import SnapKVCache, StreamingLLMCache
 from .cascade import DEFAULT_SPECKV, DEFAULT_SPECPC, SpecKVPC
 from .config import SpecKVConfig, SpecPCConfig
+from .distributed import computed_on_first_rank
 from .knorm import KnormCache
 from .prompt_baselines import SpecPrefillPreprocessor
 from .speckv import SpecKVCache
@@ -151,7 +152,9 @@ def _prompt_method(preprocessor_for):
         preprocessor = preprocessor_for(draft, specpc_config)
 
         def prepare(model, input_ids, attention_mask=None):
-            compressed = preprocessor(input_ids, attention_mask)
+            # A tensor-parallel target: its first rank compresses, the others receive the same prompt.
+            compressed = computed_on_first_rank(model, lambda: preprocessor(input_ids, attention_mask),
+                                                input_ids.device)
             return PreparedInputs(compressed.input_ids, compressed.attention_mask, compressed=compressed,
                                   position_ids=compressed.position_ids)
 

@@ -8,15 +8,23 @@ import torch
 from transformers.utils import logging
 
 from hf_specapprox.cascade import DEFAULT_SPECPC
-from hf_specapprox.config import SpecKVConfig, SpecPCConfig
+from hf_specapprox.config import KVSelectionConfig, SpecKVConfig, SpecPCConfig
 from hf_specapprox.registry import METHODS as REGISTRY
 from hf_specapprox.registry import get_method
 
 logger = logging.get_logger(__name__)
 
+#: Layer-wise budget variants of the KV methods, run as `"<method>+<variant>"` (e.g. `"speckv+pyramid"`): the method
+#: with `layer_budgets=<variant>` in each of its KV configs (see `hf_specapprox.config.KVSelectionConfig`).
+LAYER_BUDGET_VARIANTS = ("pyramid",)
+
 #: name -> what its budget means ("kv": KV pairs per layer and head, "prompt": prompt tokens, None: no budget): every
-#: method of the registry (`hf_specapprox.registry`), plus `draft` (the draft model answering alone, a reference).
-METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()}}
+#: method of the registry (`hf_specapprox.registry`), its layer-wise budget variants (KV methods), and `draft` (the
+#: draft model answering alone, a reference).
+METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()},
+           **{f"{name}+{variant}": "kv" for name, spec in REGISTRY.items()
+              if any(issubclass(config_class, KVSelectionConfig) for config_class in spec.config_classes)
+              for variant in LAYER_BUDGET_VARIANTS}}
 
 #: SpecPC's window in the paper; smaller budgets get a window as large as the budget.
 SPECPC_WINDOW = 64
@@ -98,7 +106,8 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     """Runs one method on a (batch of) prompt(s).
 
     Args:
-        name: `draft` or a method of the registry (`hf_specapprox.registry.METHODS`).
+        name: `draft`, a method of the registry (`hf_specapprox.registry.METHODS`), or a KV method's layer-wise
+            budget variant (`"speckv+pyramid"`, see [`LAYER_BUDGET_VARIANTS`]).
         budget: KV pairs per layer and KV head for KV methods (SpecKV-PC's second stage too), prompt tokens for
             prompt-compression methods; ignored by `full` and `draft`.
         pc_budget: SpecKV-PC's first-stage prompt budget (2,048 as released).
@@ -113,9 +122,13 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     if name == "draft":
         sequences = _greedy(draft, input_ids, attention_mask, max_new_tokens)
         return sequences[:, input_ids.shape[1] :], stats
-    spec = get_method(name)
+    base, _, variant = name.partition("+")
+    spec = get_method(base)
     configs = method_configs(spec.name, draft, budget=budget, max_new_tokens=max_new_tokens, pc_budget=pc_budget,
                              window_size=window_size)
+    if variant:  # a layer-wise budget variant: every KV config of the method gets it
+        configs = {argument: replace(config, layer_budgets=variant) if isinstance(config, KVSelectionConfig)
+                   else config for argument, config in configs.items()}
     prepared = spec.build(draft if spec.uses_draft else None, **configs)(target, input_ids, attention_mask)
     inputs = prepared.model_inputs  # position_ids too, for a method that keeps original positions (SpecPrefill)
     sequences = _greedy(target, inputs.pop("input_ids"), inputs.pop("attention_mask", None), max_new_tokens,

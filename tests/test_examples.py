@@ -46,6 +46,11 @@ def test_compress_once_ask_twice():
     assert cache.layers[0].keys.shape[-2] == 65 + (second.shape[1] - 1 - 400)  # 64 kept + every later token
 
 
+def test_tensor_parallel_alone(capsys):
+    out, cache = load("tensor_parallel").main([])  # under torchrun: tests/test_tensor_parallel.py
+    assert cache.is_compressed and "tensor-parallel size 1, holds 2 KV head(s)" in capsys.readouterr().out
+
+
 def test_speckv_pc():
     out, compressed = load("speckv_pc").main([])
     assert compressed.stats["kept_tokens"] == [192]

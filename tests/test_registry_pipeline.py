@@ -63,7 +63,9 @@ def test_the_pipeline_the_harness_and_the_cli_read_one_registry():
     # the paper's methods and baselines, and Knorm (registered with one line: it must appear everywhere by itself)
     assert set(names) >= {"full", "speckv", "snapkv", "streamingllm", "knorm", "specpc", "specprefill", "speckv_pc"}
     assert hs.pipeline.METHODS == tuple(names)
-    assert HARNESS_METHODS == {"draft": None, **{name: spec.budget for name, spec in registry.METHODS.items()}}
+    variants = {f"{name}+pyramid": "kv" for name in ("speckv", "snapkv", "streamingllm", "knorm", "speckv_pc")}
+    assert HARNESS_METHODS == {"draft": None, **{name: spec.budget for name, spec in registry.METHODS.items()},
+                               **variants}
     assert HARNESS_METHODS["knorm"] == "kv" and HARNESS_METHODS["specpc"] == "prompt"
     commands = build_parser()._subparsers._group_actions[0].choices
     for command in ("eval", "bench"):
