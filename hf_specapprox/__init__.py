@@ -14,6 +14,7 @@ from .scorers import AttentionScorer, KVScorer, RecencyScorer, ScorerInputs
 from .monitor import DraftAgreementMonitor
 from .pipeline import SpecApproxTextGenerationPipeline
 from .prompt_baselines import RandomPreprocessor, RecencyPreprocessor, SpecPrefillPreprocessor
+from .serving import ServingError, SpecPCClient, SpecPCCompletion, SpecPCStream
 from .speckv import SpecKVCache
 from .specpc import SpecPCOutput, SpecPCPreprocessor
 
@@ -37,15 +38,19 @@ __all__ = [
     "RecencyScorer",
     "ScorerInputs",
     "SelectionPolicy",
+    "ServingError",
     "SnapKVCache",
     "SnapKVConfig",
     "SpecApproxTextGenerationPipeline",
     "SpecKVCache",
     "SpecKVConfig",
     "SpecKVPC",
+    "SpecPCClient",
+    "SpecPCCompletion",
     "SpecPCConfig",
     "SpecPCOutput",
     "SpecPCPreprocessor",
+    "SpecPCStream",
     "SpecPrefillPreprocessor",
     "StaticCacheOverflowError",
     "StaticCompressedLayer",

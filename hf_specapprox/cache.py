@@ -573,5 +573,3 @@ class PromptCompressionCache(ModelBoundCache, Cache):
             # then stop at the eager forwards, so a later call is taken for a new prompt (never a wrong continuation).
             return None
         return prefill.prepare_forward(self, model, args, kwargs)
-
-
