@@ -44,9 +44,7 @@ def load_draft(args):
                              eos_token_id=1, pad_token_id=0)
         model = Qwen2ForCausalLM(config).eval()
         model.generation_config.repetition_penalty = 1.1  # as Qwen2.5-Instruct's generation config
-        folder = tempfile.mkdtemp()
-        model.save_pretrained(folder)
-        return model, folder
+        return model, None
     if args.draft:
         path = args.draft
     else:
@@ -122,8 +120,11 @@ def main() -> None:
             try:
                 from transformers import QuantoConfig
 
-                quantized = AutoModelForCausalLM.from_pretrained(
-                    path, dtype=torch.float32, quantization_config=QuantoConfig(weights="int8")).eval()
+                with tempfile.TemporaryDirectory() as folder:
+                    if path is None:  # the tiny draft: through a checkpoint, as a user loads one
+                        draft.save_pretrained(folder)
+                    quantized = AutoModelForCausalLM.from_pretrained(
+                        path or folder, dtype=torch.float32, quantization_config=QuantoConfig(weights="int8")).eval()
             except ImportError as error:  # optimum-quanto missing
                 print(f"quanto-int8 skipped: {error}")
                 continue
@@ -156,8 +157,8 @@ def main() -> None:
             print(f"{variant}: done", flush=True)
 
     base = rows[0]
-    print(f"\ndraft: {path}; prompt {args.prompt_tokens} tokens, {n} new tokens, {args.threads} threads, "
-          f"torch {torch.__version__}, medians of {args.runs}; ratios against `{base['variant']}`")
+    print(f"\ndraft: {path or 'tiny random weights'}; prompt {args.prompt_tokens} tokens, {n} new tokens, "
+          f"{args.threads} threads, torch {torch.__version__}, medians of {args.runs}; ratios against `{base['variant']}`")
     print("| variant | first call s | prefill s | decode s/token | total s | total vs base | decode vs base "
           "| tokens equal |")
     print("|---|---|---|---|---|---|---|---|")
