@@ -12,8 +12,9 @@ Variants (every one greedy, the draft's generation config in force, `--new-token
 * `quanto-int8`: the library's loop on the draft loaded with transformers' `QuantoConfig(weights="int8")`
   (optimum-quanto), skipped with a note when optimum-quanto is not installed.
 
-For each variant: one warm-up call of each length (reported together as `first_call_s`), then `--runs` timed calls of one token (the prefill)
-and of `--new-tokens` tokens; medians. `decode_s_per_token` = (median n-token time − median one-token time) / (n − 1).
+For each variant: one warm-up call of each length (reported together as `first_call_s`), then `--runs` timed calls
+of one token (the prefill) and of `--new-tokens` tokens; medians. `decode_s_per_token` = (median n-token time −
+median one-token time) / (n − 1).
 `tokens_equal` says whether the variant's tokens equal the `loop`'s.
 
     python benchmarks/draft_preview.py --tiny                          # a random-weight smoke test, seconds
@@ -158,7 +159,8 @@ def main() -> None:
 
     base = rows[0]
     print(f"\ndraft: {path or 'tiny random weights'}; prompt {args.prompt_tokens} tokens, {n} new tokens, "
-          f"{args.threads} threads, torch {torch.__version__}, medians of {args.runs}; ratios against `{base['variant']}`")
+          f"{args.threads} threads, torch {torch.__version__}, medians of {args.runs}; "
+          f"ratios against `{base['variant']}`")
     print("| variant | first call s | prefill s | decode s/token | total s | total vs base | decode vs base "
           "| tokens equal |")
     print("|---|---|---|---|---|---|---|---|")
