@@ -6,9 +6,11 @@ Variants (every one greedy, the draft's generation config in force, `--new-token
 
 * `loop`: `hf_specapprox.draft.generate_lookahead`, what SpecKV runs (dynamic cache, eager): the baseline;
 * `generate`: stock `draft.generate(do_sample=False)` (dynamic cache, eager);
-* `static`: `draft.generate(..., cache_implementation="static")` (preallocated cache, eager);
-* `static+compile`: the same with the draft's forward wrapped in `torch.compile(dynamic=False)` (transformers does not
-  compile on CPU by itself); the first call, which compiles, is reported apart;
+* `static`: `draft.generate(..., cache_implementation="static", disable_compile=True)` (preallocated cache, eager);
+* `static+compile`: the same, compiled: on a GPU by `generate` itself (its compiled decoding step on a static cache),
+  on CPU (where `generate` does not compile) with the draft's forward wrapped in `torch.compile(dynamic=False)`; the
+  first call, which compiles, is reported apart;
+* `bf16`: the library's loop on the draft cast to bfloat16 (half the weight bytes read per token);
 * `quanto-int8`: the library's loop on the draft loaded with transformers' `QuantoConfig(weights="int8")`
   (optimum-quanto), skipped with a note when optimum-quanto is not installed.
 
@@ -19,6 +21,7 @@ median one-token time) / (n − 1).
 
     python benchmarks/draft_preview.py --tiny                          # a random-weight smoke test, seconds
     python benchmarks/draft_preview.py --prompt-tokens 2048 --new-tokens 64 --json out.json   # the embedded draft
+    python benchmarks/draft_preview.py --device cuda --dtype bfloat16 ...                        # on a GPU
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 
 import torch
 
-VARIANTS = ("loop", "generate", "static", "static+compile", "quanto-int8")
+VARIANTS = ("loop", "generate", "static", "static+compile", "bf16", "quanto-int8")
 
 
 def load_draft(args):
@@ -56,9 +59,16 @@ def load_draft(args):
     return model, path
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -70,6 +80,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="write {'rows': [...]} here")
     args = parser.parse_args()
@@ -81,10 +93,13 @@ def main() -> None:
     from hf_specapprox.draft import generate_lookahead
 
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     draft, path = load_draft(args)
+    draft = draft.to(device=args.device, dtype=dtype)
     generator = torch.Generator().manual_seed(0)
     vocab = min(draft.config.vocab_size, 32000)
     input_ids = torch.randint(10, vocab, (1, args.prompt_tokens), generator=generator)
+    input_ids = input_ids.to(args.device)
     attention_mask = torch.ones_like(input_ids)
 
     def with_min_tokens(model, n):
@@ -112,11 +127,14 @@ def main() -> None:
         elif variant == "generate":
             calls[variant] = generate_call(draft)
         elif variant == "static":
-            calls[variant] = generate_call(draft, cache_implementation="static")
+            calls[variant] = generate_call(draft, cache_implementation="static", disable_compile=True)
         elif variant == "static+compile":
             compiled = copy.deepcopy(draft)
-            compiled.forward = torch.compile(compiled.forward, dynamic=False)
+            if torch.device(args.device).type == "cpu":  # elsewhere `generate` compiles its decoding step itself
+                compiled.forward = torch.compile(compiled.forward, dynamic=False)
             calls[variant] = generate_call(compiled, cache_implementation="static")
+        elif variant == "bf16":
+            calls[variant] = loop_call(copy.deepcopy(draft).to(torch.bfloat16))
         elif variant == "quanto-int8":
             try:
                 from transformers import QuantoConfig
@@ -125,7 +143,8 @@ def main() -> None:
                     if path is None:  # the tiny draft: through a checkpoint, as a user loads one
                         draft.save_pretrained(folder)
                     quantized = AutoModelForCausalLM.from_pretrained(
-                        path or folder, dtype=torch.float32, quantization_config=QuantoConfig(weights="int8")).eval()
+                        path or folder, dtype=dtype, quantization_config=QuantoConfig(weights="int8")).eval()
+                quantized = quantized.to(args.device)
             except ImportError as error:  # optimum-quanto missing
                 print(f"quanto-int8 skipped: {error}")
                 continue
@@ -142,8 +161,10 @@ def main() -> None:
             one = [timed(lambda: call(1)) for _ in range(args.runs)]
             full = []
             for _ in range(args.runs):
+                synchronize()
                 start = time.perf_counter()
                 tokens = call(n)
+                synchronize()
                 full.append(time.perf_counter() - start)
             if reference is None:
                 reference = tokens
@@ -159,7 +180,7 @@ def main() -> None:
 
     base = rows[0]
     print(f"\ndraft: {path or 'tiny random weights'}; prompt {args.prompt_tokens} tokens, {n} new tokens, "
-          f"{args.threads} threads, torch {torch.__version__}, medians of {args.runs}; "
+          f"{args.threads} threads, {args.device}, {args.dtype}, torch {torch.__version__}, medians of {args.runs}; "
           f"ratios against `{base['variant']}`")
     print("| variant | first call s | prefill s | decode s/token | total s | total vs base | decode vs base "
           "| tokens equal |")
