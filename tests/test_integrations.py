@@ -1,4 +1,5 @@
-"""Ecosystem cases: PEFT-wrapped targets and drafts, an int8 weight-only draft, accelerate device maps."""
+"""Ecosystem cases: PEFT-wrapped targets and drafts, an int8 weight-only draft, a bf16 draft beside an fp32 target,
+accelerate device maps."""
 
 from __future__ import annotations
 
@@ -104,6 +105,28 @@ def test_int8_weight_only_draft(pair, tmp_path):
                                    pad_token_id=0)[:, ids.shape[1]:]
     assert torch.equal(cache.lookahead_ids, reference)
     compressed = hs.SpecPCPreprocessor(quantized, max_capacity_prompt=16, window_size=4)(ids, mask)
+    assert compressed.stats["kept_tokens"] == [16, 16]
+
+
+def test_bf16_draft_with_an_fp32_target(pair):
+    """The preview only hands the target token ids, so a draft may run in another dtype (the cheapest lever on a CPU
+    with bf16 units, docs/benchmarks.md): SpecKV matches the oracle and previews what the bf16 draft's own `generate`
+    writes; SpecPC selects from the bf16 draft's attention."""
+    target, draft = pair
+    half = copy.deepcopy(draft).to(torch.bfloat16)
+    ids, mask = random_batch(2, 40, [0, 6], seed=8)
+    hs.bind(target)
+    try:
+        cache = hs.SpecKVCache(draft=half, max_capacity_prompt=12, window_size=3, lookahead_tokens=4)
+        out = target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GEN)
+    finally:
+        hs.unbind(target)
+    assert out.logits[0].dtype == torch.float32
+    assert_matches_oracle(target, cache, ids, mask, out)
+    reference = half.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                              pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(cache.lookahead_ids, reference)
+    compressed = hs.SpecPCPreprocessor(half, max_capacity_prompt=16, window_size=4)(ids, mask)
     assert compressed.stats["kept_tokens"] == [16, 16]
 
 
