@@ -8,23 +8,32 @@ import torch
 from transformers.utils import logging
 
 from hf_specapprox.cascade import DEFAULT_SPECPC
-from hf_specapprox.config import KVSelectionConfig, SpecKVConfig, SpecPCConfig
+from hf_specapprox.config import SpecKVConfig, SpecPCConfig
 from hf_specapprox.registry import METHODS as REGISTRY
 from hf_specapprox.registry import get_method
 
 logger = logging.get_logger(__name__)
 
-#: Layer-wise budget variants of the KV methods, run as `"<method>+<variant>"` (e.g. `"speckv+pyramid"`): the method
-#: with `layer_budgets=<variant>` in each of its KV configs (see `hf_specapprox.config.KVSelectionConfig`).
-LAYER_BUDGET_VARIANTS = ("pyramid",)
+#: Variants of the KV methods, run as `"<method>+<variant>"` (e.g. `"speckv+pyramid"`): variant -> the config field
+#: and value it sets in every config of the method that has that field. `pyramid`: PyramidKV's layer-wise budgets
+#: (`layer_budgets`, every KV method); `dense`: the target's prefill kept dense (`sparse_prefill="off"`, for the
+#: methods whose default prefill turns sparse above 4,096 tokens as the paper's does: SpecKV and SpecKV-PC). A
+#: variant is offered where some config of the method defaults to another value.
+KV_VARIANTS = {"pyramid": ("layer_budgets", "pyramid"), "dense": ("sparse_prefill", "off")}
+
+
+def _offers(spec, variant: str) -> bool:
+    field_name, value = KV_VARIANTS[variant]
+    return any(field.name == field_name and field.default != value
+               for config_class in spec.config_classes for field in fields(config_class))
+
 
 #: name -> what its budget means ("kv": KV pairs per layer and head, "prompt": prompt tokens, None: no budget): every
-#: method of the registry (`hf_specapprox.registry`), its layer-wise budget variants (KV methods), and `draft` (the
-#: draft model answering alone, a reference).
+#: method of the registry (`hf_specapprox.registry`), the variants of its KV methods ([`KV_VARIANTS`]), and `draft`
+#: (the draft model answering alone, a reference).
 METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()},
-           **{f"{name}+{variant}": "kv" for name, spec in REGISTRY.items()
-              if any(issubclass(config_class, KVSelectionConfig) for config_class in spec.config_classes)
-              for variant in LAYER_BUDGET_VARIANTS}}
+           **{f"{name}+{variant}": "kv" for name, spec in REGISTRY.items() for variant in KV_VARIANTS
+              if _offers(spec, variant)}}
 
 #: SpecPC's window in the paper; smaller budgets get a window as large as the budget.
 SPECPC_WINDOW = 64
@@ -106,8 +115,8 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     """Runs one method on a (batch of) prompt(s).
 
     Args:
-        name: `draft`, a method of the registry (`hf_specapprox.registry.METHODS`), or a KV method's layer-wise
-            budget variant (`"speckv+pyramid"`, see [`LAYER_BUDGET_VARIANTS`]).
+        name: `draft`, a method of the registry (`hf_specapprox.registry.METHODS`), or a variant of a KV method
+            (`"speckv+pyramid"`, `"speckv+dense"`, see [`KV_VARIANTS`]).
         budget: KV pairs per layer and KV head for KV methods (SpecKV-PC's second stage too), prompt tokens for
             prompt-compression methods; ignored by `full` and `draft`.
         pc_budget: SpecKV-PC's first-stage prompt budget (2,048 as released).
@@ -126,9 +135,11 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     spec = get_method(base)
     configs = method_configs(spec.name, draft, budget=budget, max_new_tokens=max_new_tokens, pc_budget=pc_budget,
                              window_size=window_size)
-    if variant:  # a layer-wise budget variant: every KV config of the method gets it
-        configs = {argument: replace(config, layer_budgets=variant) if isinstance(config, KVSelectionConfig)
-                   else config for argument, config in configs.items()}
+    if variant:  # every config of the method with the variant's field gets its value
+        field_name, value = KV_VARIANTS[variant]
+        configs = {argument: replace(config, **{field_name: value})
+                   if field_name in {field.name for field in fields(config)} else config
+                   for argument, config in configs.items()}
     prepared = spec.build(draft if spec.uses_draft else None, **configs)(target, input_ids, attention_mask)
     inputs = prepared.model_inputs  # position_ids too, for a method that keeps original positions (SpecPrefill)
     sequences = _greedy(target, inputs.pop("input_ids"), inputs.pop("attention_mask", None), max_new_tokens,

@@ -112,6 +112,45 @@ def test_run_is_resumable_and_summarised(tmp_path, monkeypatch):
     assert len(read_results(tmp_path / "results.jsonl")) == len(rows)
 
 
+@pytest.mark.parametrize("name", ["speckv", "speckv_pc"])
+def test_dense_variant_keeps_the_target_prefill_dense(monkeypatch, name):
+    """`<method>+dense` runs the method with `sparse_prefill="off"` in every config that has the knob (the study's
+    sparse-vs-dense comparison); the method itself keeps the paper's default, `"auto"`."""
+    import torch
+
+    from hf_specapprox_eval import methods as methods_module
+
+    class Built(Exception):
+        pass
+
+    captured = {}
+    real = methods_module.get_method
+
+    class Spy:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def __getattr__(self, attribute):
+            return getattr(self.spec, attribute)
+
+        def build(self, draft, **configs):
+            captured.update(configs)
+            raise Built
+
+    monkeypatch.setattr(methods_module, "get_method", lambda method: Spy(real(method)))
+    target, draft = tiny_pair(draft_layers=10)
+    ids, mask = torch.randint(4, 90, (1, 40)), torch.ones(1, 40, dtype=torch.long)
+    modes = {}
+    for variant in (name, f"{name}+dense"):
+        captured.clear()
+        with pytest.raises(Built):
+            methods_module.run_method(variant, target, draft, ids, mask, budget=16, max_new_tokens=4, pc_budget=32)
+        modes[variant] = {argument: getattr(config, "sparse_prefill", None) for argument, config in captured.items()}
+    assert modes[name]["speckv_config"] == "auto" and modes[f"{name}+dense"]["speckv_config"] == "off"
+    assert modes[name].get("specpc_config", None) is None  # SpecPC has no such knob: left as it is
+    assert METHODS[f"{name}+dense"] == "kv" and "snapkv+dense" not in METHODS  # SnapKV is dense by default
+
+
 def test_cli_env_and_tiny_eval(tmp_path, capsys):
     assert cli.main(["env"]) == 0
     assert "transformers:" in capsys.readouterr().out

@@ -64,6 +64,7 @@ def test_the_pipeline_the_harness_and_the_cli_read_one_registry():
     assert set(names) >= {"full", "speckv", "snapkv", "streamingllm", "knorm", "specpc", "specprefill", "speckv_pc"}
     assert hs.pipeline.METHODS == tuple(names)
     variants = {f"{name}+pyramid": "kv" for name in ("speckv", "snapkv", "streamingllm", "knorm", "speckv_pc")}
+    variants.update({f"{name}+dense": "kv" for name in ("speckv", "speckv_pc")})  # sparse prefill by default
     assert HARNESS_METHODS == {"draft": None, **{name: spec.budget for name, spec in registry.METHODS.items()},
                                **variants}
     assert HARNESS_METHODS["knorm"] == "kv" and HARNESS_METHODS["specpc"] == "prompt"
