@@ -11,15 +11,27 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from hf_specapprox_eval import read_results
+from hf_specapprox_eval import METHODS, read_results
 
 NAMES = {"full": "full target", "draft": "draft alone", "speckv": "SpecKV", "snapkv": "SnapKV",
-         "streamingllm": "StreamingLLM", "specpc": "SpecPC", "specprefill": "SpecPrefill", "speckv_pc": "SpecKV-PC"}
-ORDER = list(NAMES)
+         "streamingllm": "StreamingLLM", "knorm": "Knorm", "specpc": "SpecPC", "specprefill": "SpecPrefill",
+         "speckv_pc": "SpecKV-PC"}
+VARIANT_NAMES = {"pyramid": " + pyramid", "dense": " (dense prefill)"}
 
 
-def main(path: str, from_index: int = 0, pc_budget: int = 1024) -> None:
-    rows = [row for row in read_results(path) if row["index"] >= from_index]
+def display_name(method: str) -> str:
+    base, _, variant = method.partition("+")
+    return NAMES.get(base, base) + (VARIANT_NAMES.get(variant, f" + {variant}") if variant else "")
+
+
+def order(method: str) -> tuple:
+    base, _, variant = method.partition("+")
+    return (list(NAMES).index(base) if base in NAMES else len(NAMES), variant)
+
+
+def main(path: str, from_index: int = 0, pc_budget: int = 1024, to_index: int | None = None) -> None:
+    rows = [row for row in read_results(path)
+            if row["index"] >= from_index and (to_index is None or row["index"] < to_index)]
     tasks = sorted({row["task"] for row in rows})
     full_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == "full"}
     full_answer = {(row["task"], row["index"]): row["prediction"].strip() for row in rows if row["method"] == "full"}
@@ -29,19 +41,18 @@ def main(path: str, from_index: int = 0, pc_budget: int = 1024) -> None:
     print("| method | budget | samples | score | " + " | ".join(tasks) + " | = full's answer | seconds (mean) "
           "| vs full (same samples) |")
     print("|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|")
-    for (method, budget), items in sorted(groups.items(), key=lambda kv: (ORDER.index(kv[0][0]), kv[0][1] or 0)):
+    for (method, budget), items in sorted(groups.items(), key=lambda kv: (order(kv[0][0]), kv[0][1] or 0)):
         per_task = {task: [r["score"] for r in items if r["task"] == task] for task in tasks}
         paired = [(r["seconds"], full_seconds[(r["task"], r["index"])]) for r in items
                   if (r["task"], r["index"]) in full_seconds]
         ratio = sum(s for s, _ in paired) / sum(f for _, f in paired) if paired else float("nan")
-        unit = "" if budget is None else (" KV" if method in ("speckv", "snapkv", "streamingllm", "speckv_pc")
-                                          else " tokens")
-        if method == "speckv_pc":  # the first stage's prompt budget is the runner's --pc-budget
+        unit = "" if budget is None else (" KV" if METHODS.get(method) == "kv" else " tokens")
+        if method.partition("+")[0] == "speckv_pc":  # the first stage's prompt budget is the runner's --pc-budget
             unit = f" KV (after SpecPC to {pc_budget:,})"
         same = sum(r["prediction"].strip() == full_answer[(r["task"], r["index"])] for r in items
                    if (r["task"], r["index"]) in full_answer)
         cells = " | ".join(f"{sum(v) / len(v):.0f} ({len(v)})" if v else "—" for v in per_task.values())
-        print(f"| {NAMES[method]} | {budget or '—'}{unit} | {len(items)} | {sum(r['score'] for r in items) / len(items):.1f}"
+        print(f"| {display_name(method)} | {budget or '—'}{unit} | {len(items)} | {sum(r['score'] for r in items) / len(items):.1f}"
               f" | {cells} | {same}/{len(paired)} | {sum(r['seconds'] for r in items) / len(items):.1f} | {ratio:.2f} |")
 
 
@@ -49,6 +60,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="results.jsonl of `hf-specapprox eval`")
     parser.add_argument("--from-index", type=int, default=0, help="only samples with this index or higher")
+    parser.add_argument("--to-index", type=int, default=None, help="only samples with an index below this")
     parser.add_argument("--pc-budget", type=int, default=1024, help="the --pc-budget the SpecKV-PC rows ran with")
     args = parser.parse_args()
-    main(args.results, args.from_index, args.pc_budget)
+    main(args.results, args.from_index, args.pc_budget, args.to_index)
