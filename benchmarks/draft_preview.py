@@ -64,12 +64,13 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn) -> float:
+def timed(fn) -> tuple[float, object]:
+    """`(seconds, fn())`, the device synchronized on both sides."""
     synchronize()
     start = time.perf_counter()
-    fn()
+    result = fn()
     synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def main() -> None:
@@ -116,7 +117,7 @@ def main() -> None:
         def call(n):
             with_min_tokens(model, n)
             out = model.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, **kwargs)
+                                 **kwargs)
             return out[:, input_ids.shape[1]:]
         return call
 
@@ -157,15 +158,11 @@ def main() -> None:
         for variant, call in calls.items():
             # Warm-up: both shapes once (a static cache's length depends on the number of new tokens, so a compiled
             # forward compiles for each); reported apart.
-            first_call_s = timed(lambda: call(n)) + timed(lambda: call(1))
-            one = [timed(lambda: call(1)) for _ in range(args.runs)]
-            full = []
-            for _ in range(args.runs):
-                synchronize()
-                start = time.perf_counter()
-                tokens = call(n)
-                synchronize()
-                full.append(time.perf_counter() - start)
+            first_call_s = timed(lambda: call(n))[0] + timed(lambda: call(1))[0]
+            one = [timed(lambda: call(1))[0] for _ in range(args.runs)]
+            full = [timed(lambda: call(n)) for _ in range(args.runs)]
+            tokens = full[-1][1]
+            full = [seconds for seconds, _ in full]
             if reference is None:
                 reference = tokens
             prefill_s, total_s = statistics.median(one), statistics.median(full)

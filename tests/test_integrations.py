@@ -83,6 +83,24 @@ def test_prompt_learning_adapters_are_refused_clearly(pair, method):
         hs.SpecPCPreprocessor(wrapped_draft, max_capacity_prompt=12, window_size=3)
 
 
+def assert_draft_serves_speckv_and_specpc(target, draft, seed):
+    """SpecKV with `draft` matches the masked-attention oracle and previews what `draft.generate` writes; SpecPC
+    selects with it."""
+    ids, mask = random_batch(2, 40, [0, 6], seed=seed)
+    hs.bind(target)
+    try:
+        cache = hs.SpecKVCache(draft=draft, max_capacity_prompt=12, window_size=3, lookahead_tokens=4)
+        out = target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GEN)
+    finally:
+        hs.unbind(target)
+    assert_matches_oracle(target, cache, ids, mask, out)
+    reference = draft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                               pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(cache.lookahead_ids, reference)
+    compressed = hs.SpecPCPreprocessor(draft, max_capacity_prompt=16, window_size=4)(ids, mask)
+    assert compressed.stats["kept_tokens"] == [16, 16]
+
+
 def test_int8_weight_only_draft(pair, tmp_path):
     pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig
@@ -93,41 +111,17 @@ def test_int8_weight_only_draft(pair, tmp_path):
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     weight = quantized.model.layers[0].self_attn.q_proj.weight
     assert type(weight).__name__ != "Parameter" and "Int8" in type(weight).__name__  # really quantized
-    ids, mask = random_batch(2, 40, [0, 6], seed=7)
-    hs.bind(target)
-    try:
-        cache = hs.SpecKVCache(draft=quantized, max_capacity_prompt=12, window_size=3, lookahead_tokens=4)
-        out = target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GEN)
-    finally:
-        hs.unbind(target)
-    assert_matches_oracle(target, cache, ids, mask, out)
-    reference = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                   pad_token_id=0)[:, ids.shape[1]:]
-    assert torch.equal(cache.lookahead_ids, reference)
-    compressed = hs.SpecPCPreprocessor(quantized, max_capacity_prompt=16, window_size=4)(ids, mask)
-    assert compressed.stats["kept_tokens"] == [16, 16]
+    assert_draft_serves_speckv_and_specpc(target, quantized, seed=7)
 
 
 def test_bf16_draft_with_an_fp32_target(pair):
     """The preview only hands the target token ids, so a draft may run in another dtype (the cheapest lever on a CPU
-    with bf16 units, docs/benchmarks.md): SpecKV matches the oracle and previews what the bf16 draft's own `generate`
-    writes; SpecPC selects from the bf16 draft's attention."""
+    with bf16 units, docs/benchmarks.md); SpecPC scores with the bf16 draft's own attention."""
     target, draft = pair
     half = copy.deepcopy(draft).to(torch.bfloat16)
-    ids, mask = random_batch(2, 40, [0, 6], seed=8)
-    hs.bind(target)
-    try:
-        cache = hs.SpecKVCache(draft=half, max_capacity_prompt=12, window_size=3, lookahead_tokens=4)
-        out = target.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **GEN)
-    finally:
-        hs.unbind(target)
-    assert out.logits[0].dtype == torch.float32
-    assert_matches_oracle(target, cache, ids, mask, out)
-    reference = half.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                              pad_token_id=0)[:, ids.shape[1]:]
-    assert torch.equal(cache.lookahead_ids, reference)
-    compressed = hs.SpecPCPreprocessor(half, max_capacity_prompt=16, window_size=4)(ids, mask)
-    assert compressed.stats["kept_tokens"] == [16, 16]
+    assert half.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert next(target.parameters()).dtype == torch.float32
+    assert_draft_serves_speckv_and_specpc(target, half, seed=8)
 
 
 def test_split_device_map_with_disk_offload(pair, tmp_path):
