@@ -4,6 +4,9 @@ results.jsonl written by `hf-specapprox eval`.
 
     python benchmarks/study_table.py benchmarks/results/study-2k/results.jsonl
     python benchmarks/study_table.py benchmarks/results/study-2k/results.jsonl --from-index 4   # samples 4, 5, ...
+    python benchmarks/study_table.py benchmarks/results/sparse-8k-essay/results.jsonl --reference speckv+dense
+
+`--reference` names the method the answer and time columns compare with (the full target by default).
 """
 
 from __future__ import annotations
@@ -29,17 +32,19 @@ def order(method: str) -> tuple:
     return (list(NAMES).index(base) if base in NAMES else len(NAMES), variant)
 
 
-def main(path: str, from_index: int = 0, pc_budget: int = 1024, to_index: int | None = None) -> None:
+def main(path: str, from_index: int = 0, pc_budget: int = 1024, to_index: int | None = None,
+         reference: str = "full") -> None:
     rows = [row for row in read_results(path)
             if row["index"] >= from_index and (to_index is None or row["index"] < to_index)]
     tasks = sorted({row["task"] for row in rows})
-    full_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == "full"}
-    full_answer = {(row["task"], row["index"]): row["prediction"].strip() for row in rows if row["method"] == "full"}
+    full_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == reference}
+    full_answer = {(row["task"], row["index"]): row["prediction"].strip() for row in rows if row["method"] == reference}
+    ref = "full" if reference == "full" else display_name(reference)
     groups = defaultdict(list)
     for row in rows:
         groups[(row["method"], row["budget"])].append(row)
-    print("| method | budget | samples | score | " + " | ".join(tasks) + " | = full's answer | seconds (mean) "
-          "| vs full (same samples) |")
+    print("| method | budget | samples | score | " + " | ".join(tasks) + f" | = {ref}'s answer | seconds (mean) "
+          f"| vs {ref} (same samples) |")
     print("|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|")
     for (method, budget), items in sorted(groups.items(), key=lambda kv: (order(kv[0][0]), kv[0][1] or 0)):
         per_task = {task: [r["score"] for r in items if r["task"] == task] for task in tasks}
@@ -62,5 +67,6 @@ if __name__ == "__main__":
     parser.add_argument("--from-index", type=int, default=0, help="only samples with this index or higher")
     parser.add_argument("--to-index", type=int, default=None, help="only samples with an index below this")
     parser.add_argument("--pc-budget", type=int, default=1024, help="the --pc-budget the SpecKV-PC rows ran with")
+    parser.add_argument("--reference", default="full", help="the method the answer and time columns compare with")
     args = parser.parse_args()
-    main(args.results, args.from_index, args.pc_budget, args.to_index)
+    main(args.results, args.from_index, args.pc_budget, args.to_index, args.reference)
