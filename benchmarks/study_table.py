@@ -37,8 +37,8 @@ def main(path: str, from_index: int = 0, pc_budget: int = 1024, to_index: int | 
     rows = [row for row in read_results(path)
             if row["index"] >= from_index and (to_index is None or row["index"] < to_index)]
     tasks = sorted({row["task"] for row in rows})
-    full_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == reference}
-    full_answer = {(row["task"], row["index"]): row["prediction"].strip() for row in rows if row["method"] == reference}
+    ref_seconds = {(row["task"], row["index"]): row["seconds"] for row in rows if row["method"] == reference}
+    ref_answer = {(row["task"], row["index"]): row["prediction"].strip() for row in rows if row["method"] == reference}
     ref = "full" if reference == "full" else display_name(reference)
     groups = defaultdict(list)
     for row in rows:
@@ -48,14 +48,14 @@ def main(path: str, from_index: int = 0, pc_budget: int = 1024, to_index: int | 
     print("|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|")
     for (method, budget), items in sorted(groups.items(), key=lambda kv: (order(kv[0][0]), kv[0][1] or 0)):
         per_task = {task: [r["score"] for r in items if r["task"] == task] for task in tasks}
-        paired = [(r["seconds"], full_seconds[(r["task"], r["index"])]) for r in items
-                  if (r["task"], r["index"]) in full_seconds]
+        paired = [(r["seconds"], ref_seconds[(r["task"], r["index"])]) for r in items
+                  if (r["task"], r["index"]) in ref_seconds]
         ratio = sum(s for s, _ in paired) / sum(f for _, f in paired) if paired else float("nan")
         unit = "" if budget is None else (" KV" if METHODS.get(method) == "kv" else " tokens")
         if method.partition("+")[0] == "speckv_pc":  # the first stage's prompt budget is the runner's --pc-budget
             unit = f" KV (after SpecPC to {pc_budget:,})"
-        same = sum(r["prediction"].strip() == full_answer[(r["task"], r["index"])] for r in items
-                   if (r["task"], r["index"]) in full_answer)
+        same = sum(r["prediction"].strip() == ref_answer[(r["task"], r["index"])] for r in items
+                   if (r["task"], r["index"]) in ref_answer)
         cells = " | ".join(f"{sum(v) / len(v):.0f} ({len(v)})" if v else "—" for v in per_task.values())
         print(f"| {display_name(method)} | {budget or '—'}{unit} | {len(items)} | {sum(r['score'] for r in items) / len(items):.1f}"
               f" | {cells} | {same}/{len(paired)} | {sum(r['seconds'] for r in items) / len(items):.1f} | {ratio:.2f} |")
