@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long-context study's gpu preset on one GPU (sized for one H200 in under 8 minutes): a Llama-3-8B-shaped target
 # and a Llama-3.2-1B-shaped draft with random bf16 weights, prompts 32K and 128K, 256 new tokens, one warm-up and two
-# timed runs per method, then a capped doubling batch search at 128K for stock and SpecKV (stopped before the deadline).
+# timed runs per method (stock; SpecKV, budget 1,024, sparse prefill, with dynamic and with static compiled decoding;
+# SnapKV), then a capped doubling batch search at 128K for stock and SpecKV (stopped before the deadline).
 #   bash benchmarks/gpu_long_context.sh            # writes benchmarks/results/long_context_gpu_<date>.{json,txt}
 # Extra arguments go to benchmarks/long_context.py (e.g. --methods stock,speckv_dense,speckv_sparse,snapkv).
 set -uo pipefail

@@ -19,10 +19,15 @@ in the same run.
 
 Methods: `stock` (DynamicCache), `speckv_dense` / `speckv_sparse` (SpecKV with `sparse_prefill="off"` / `"on"`),
 `snapkv`, and `speckv` (SpecKV with the installed library's defaults). Where the installed `SpecKVConfig` has no
-`sparse_prefill` field, the dense/sparse rows say "skipped" and `speckv` is measured in their place. Decoding is
-the dynamic cache's (`decode` column). The gpu preset measures stock, speckv_sparse and snapkv (pass `--methods` for
-more), then searches at the longest prompt for the largest batch of stock and SpecKV that fits, each trial a single
-call; the search (and the attention table) stop at `--deadline-s` (450 s), the measurements never do.
+`sparse_prefill` field, the dense/sparse rows say "skipped" and `speckv` is measured in their place. These decode on
+the cache's dynamic layers; the `_static` variants (`speckv_dense_static`, `speckv_sparse_static`, `snapkv_static`)
+decode on its static layers (`use_static_decode`) with `generate` compiling the decode forward (`CompileConfig`,
+full graph, CUDA graphs on GPU; the warm-up call compiles). The `decode` column says which. The cpu preset measures
+stock, both SpecKV prefills with dynamic decoding, SpecKV with the sparse prefill and static decoding, and SnapKV;
+the gpu preset stock, SpecKV (sparse prefill) with dynamic and with static decoding, and SnapKV (pass `--methods` for
+others), then searches at the longest prompt for the largest batch of stock and SpecKV (sparse prefill, dynamic
+decoding: a static batch compiles anew) that fits, each trial a single call; the search (and the attention table)
+stop at `--deadline-s` (450 s), the measurements never do.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if (ROOT / "hf_specapprox").is_dir() and str(ROOT) not in sys.path:  # run from a checkout: use its library
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("stock", "speckv_dense", "speckv_sparse", "snapkv", "speckv")  # speckv: the library's own defaults
+METHODS = ("stock", "speckv_dense", "speckv_dense_static", "speckv_sparse", "speckv_sparse_static", "snapkv",
+           "snapkv_static", "speckv")  # speckv: the library's own defaults
 DEFAULT_METHODS = ["stock", "speckv_dense", "speckv_sparse", "snapkv"]
+STATIC = "_static"  # suffix: decode on the static compressed layers, compiled
 MIB = 2**20
 
 
@@ -65,13 +72,14 @@ PRESETS = {
     # KV-bound: ~1 GiB of fp32 K/V at 32K dominates a decode step.
     "cpu": dict(target=llama(4, 256, 16, 16, 64, 512, 32000), draft=llama(2, 128, 4, 4, 32, 256, 32000),
                 lengths=[8192, 16384, 32768], new_tokens=128, runs=3, budget=1024, dtype="float32", device="cpu",
-                sparse={}, attention=True, batch_search=False, max_batch=1, process_per="length"),
+                methods=DEFAULT_METHODS + ["speckv_sparse_static"], sparse={}, attention=True, batch_search=False,
+                max_batch=1, process_per="length"),
     # Llama-3-8B-shaped target, Llama-3.2-1B-shaped draft.
     "gpu": dict(target=llama(32, 4096, 32, 8, 128, 14336, 128256),
                 draft=llama(16, 2048, 32, 8, 64, 8192, 128256, tie=True),
                 lengths=[32768, 131072], new_tokens=256, runs=2, budget=1024, dtype="bfloat16", device="cuda",
-                methods=["stock", "speckv_sparse", "snapkv"], sparse={}, attention=True, batch_search=True,
-                max_batch=64, process_per="method", deadline_s=450),
+                methods=["stock", "speckv_sparse", "speckv_sparse_static", "snapkv"], sparse={}, attention=True,
+                batch_search=True, max_batch=64, process_per="method", deadline_s=450),
 }
 TINY_GPU = dict(target=llama(2, 64, 4, 2, 16, 128, 256), draft=llama(1, 32, 2, 2, 16, 64, 256, tie=True),
                 lengths=[256, 512], new_tokens=4, budget=64, max_batch=4,
@@ -79,6 +87,21 @@ TINY_GPU = dict(target=llama(2, 64, 4, 2, 16, 128, 256), draft=llama(1, 32, 2, 2
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+def base_method(method):
+    """The method without its decoding variant: `speckv_sparse_static` -> `speckv_sparse`."""
+    return method[: -len(STATIC)] if method.endswith(STATIC) else method
+
+
+def decode_kind(method):
+    return "static, compiled" if method.endswith(STATIC) else "dynamic"
+
+
+def static_decode_supported():
+    from hf_specapprox import SnapKVCache
+
+    return hasattr(SnapKVCache, "use_static_decode")
+
+
 def sparse_prefill_supported():
     from hf_specapprox import SpecKVConfig
 
@@ -168,6 +191,13 @@ class Worker:
         if job["method"] != "stock":
             hf_specapprox.bind(self.target)
         self.cache_name = hf_specapprox.compat.cache_kwarg_name(self.target)
+        self.static = job["method"].endswith(STATIC)
+        self.compile_config = None
+        if self.static:
+            from transformers import CompileConfig
+
+            self.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if self.cuda else None)
+            self.compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked to
 
     def sync(self):
         if self.cuda:
@@ -180,15 +210,17 @@ class Worker:
         return ids, self.torch.ones_like(ids)
 
     def cache(self):
-        job, method = self.job, self.job["method"]
+        job, method = self.job, base_method(self.job["method"])
         if method == "stock":
             return None
         if method == "snapkv":
-            return self.hs.SnapKVCache(max_capacity_prompt=job["budget"], window_size=32)
-        mode = {"speckv_dense": "off", "speckv_sparse": "on"}.get(method)
-        sparse = {} if mode is None else dict(job["sparse"], sparse_prefill=mode)
-        return self.hs.SpecKVCache(draft=self.draft, max_capacity_prompt=job["budget"], window_size=32,
-                                   lookahead_tokens=job["new_tokens"], **sparse)
+            cache = self.hs.SnapKVCache(max_capacity_prompt=job["budget"], window_size=32)
+        else:
+            mode = {"speckv_dense": "off", "speckv_sparse": "on"}.get(method)
+            sparse = {} if mode is None else dict(job["sparse"], sparse_prefill=mode)
+            cache = self.hs.SpecKVCache(draft=self.draft, max_capacity_prompt=job["budget"], window_size=32,
+                                        lookahead_tokens=job["new_tokens"], **sparse)
+        return cache.use_static_decode(job["new_tokens"]) if self.static else cache
 
     def generate(self, ids, mask, new=None):
         """One timed `generate` call: (ttft_s, tpot_s, total_s, peak growth bytes, peak total bytes)."""
@@ -208,6 +240,8 @@ class Worker:
 
         timer, cache = FirstToken(), self.cache()
         kwargs = {} if cache is None else {self.cache_name: cache}
+        if self.compile_config is not None:
+            kwargs["compile_config"] = self.compile_config
         gc.collect()
         self.sync()
         if self.cuda:
@@ -238,7 +272,8 @@ class Worker:
                     ttft_s=median([r[0] for r in runs]),
                     tpot_s=median([r[1] for r in runs]) if self.job["new_tokens"] > 1 else None,
                     total_s=median([r[2] for r in runs]), peak_mem_mib=max(r[3] for r in runs) / MIB,
-                    peak_mem_total_mib=max(r[4] for r in runs) / MIB, decode="dynamic", warmup_s=warm[2],
+                    peak_mem_total_mib=max(r[4] for r in runs) / MIB, decode=decode_kind(self.job["method"]),
+                    warmup_s=warm[2],
                     runs=[dict(ttft_s=r[0], tpot_s=r[1], total_s=r[2], peak_mem_mib=r[3] / MIB) for r in runs],
                     skipped=None)
 
@@ -403,7 +438,7 @@ def spawn(job, timeout=None):
 
 def skipped_row(method, length, job, reason):
     return dict(method=method, prompt_tokens=length, new_tokens=job["new_tokens"], batch=job["batch"], ttft_s=None,
-                tpot_s=None, total_s=None, peak_mem_mib=None, peak_mem_total_mib=None, decode="dynamic",
+                tpot_s=None, total_s=None, peak_mem_mib=None, peak_mem_total_mib=None, decode=decode_kind(method),
                 warmup_s=None, runs=[], skipped=reason)
 
 
@@ -515,7 +550,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
     sparse_ok = sparse_prefill_supported()
-    if not sparse_ok and {"speckv_dense", "speckv_sparse"} & set(methods):
+    if not sparse_ok and {"speckv_dense", "speckv_sparse"} & {base_method(method) for method in methods}:
         methods.append("speckv")  # their rows say skipped; SpecKV as the installed library runs it stands in
     methods = sorted(set(methods), key=METHODS.index)  # stock first: the baseline
     budget = args.budget or preset["budget"]
@@ -536,8 +571,12 @@ def main(argv=None):
 
     rows, trials, device_name = [], [], None
     for method in methods:
-        if method in ("speckv_dense", "speckv_sparse") and not sparse_ok:
+        reason = None
+        if base_method(method) in ("speckv_dense", "speckv_sparse") and not sparse_ok:
             reason = "this hf_specapprox's SpecKVConfig has no `sparse_prefill` field"
+        elif method.endswith(STATIC) and not static_decode_supported():
+            reason = "this hf_specapprox's caches have no `use_static_decode`"
+        if reason:
             rows += [skipped_row(method, length, job, reason) for length in lengths]
             continue
         groups = [lengths] if preset["process_per"] == "method" else [[length] for length in lengths]
@@ -548,6 +587,11 @@ def main(argv=None):
                 continue
             rows += result["rows"]
             trials += result["batch_search"]
+            for row in result["rows"]:  # progress, so that a run cut short still shows what it measured
+                print(f"# {time.time() - started:.0f} s: {row['method']} at {row['prompt_tokens']}: "
+                      + (f"skipped ({row['skipped']})" if row["skipped"] else
+                         f"TTFT {row['ttft_s']:.3f} s, total {row['total_s']:.3f} s, warm-up {row['warmup_s']:.2f} s"),
+                      file=sys.stderr, flush=True)
             device_name = device_name or result["device_name"]
     rows.sort(key=lambda r: (r["prompt_tokens"], r["batch"], METHODS.index(r["method"])))
     add_ratios(rows)
@@ -594,7 +638,9 @@ def main(argv=None):
                 preset=args.preset, tiny=args.tiny, device=device, dtype=dtype, threads=args.threads or "default",
                 lengths=lengths, methods=methods, new_tokens=job["new_tokens"], runs=job["runs"], warmup_runs=1,
                 budget=budget, window_size=32, lookahead_tokens=job["new_tokens"], batch=args.batch,
-                sparse_prefill_supported=sparse_ok, sparse_knobs=knobs, vertical_slash_available=vertical_slash()
+                sparse_prefill_supported=sparse_ok, static_decode_supported=static_decode_supported(),
+                static_compile="CompileConfig(fullgraph=True, mode='reduce-overhead' on CUDA, None on CPU)",
+                sparse_knobs=knobs, vertical_slash_available=vertical_slash()
                 is not None, target=preset["target"], draft=preset["draft"], attn_implementation="sdpa",
                 peak_mem="growth during the timed calls: peak RSS (CPU) or max_memory_allocated (CUDA) above "
                          "the memory before the call; peak_mem_total_mib includes the models",

@@ -49,9 +49,10 @@ def check_rows(result, methods, lengths):
         (method, length) for length in lengths for method in methods]
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
-        assert row["decode"] == "dynamic"
+        assert row["decode"] == ("static, compiled" if row["method"].endswith("_static") else "dynamic")
         if row["skipped"]:  # only SpecKV's dense/sparse variants, only where the library has no sparse prefill yet
-            assert row["method"] in ("speckv_dense", "speckv_sparse") and not sparse_prefill_supported(), row
+            base = row["method"].removesuffix("_static")
+            assert base in ("speckv_dense", "speckv_sparse") and not sparse_prefill_supported(), row
             assert "sparse_prefill" in row["skipped"]
             continue
         assert row["ttft_s"] > 0 and row["tpot_s"] > 0 and row["total_s"] > row["ttft_s"] and row["warmup_s"] > 0
@@ -86,7 +87,7 @@ def test_smoke_preset_writes_the_schema(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_preset_path_at_tiny_sizes_on_cpu(tmp_path):
-    methods = ["stock", "speckv_sparse", "speckv"]
+    methods = ["stock", "speckv_sparse", "speckv_sparse_static", "speckv"]
     result, printed = run(tmp_path, "--preset", "gpu", "--device", "cpu", "--tiny", "--runs", "1", "--lengths",
                           "128,256", "--methods", ",".join(methods), "--max-batch", "2", "--attention", "off")
     check_rows(result, methods, [128, 256])
@@ -107,6 +108,9 @@ def test_presets_and_ratios():
     assert kv_bytes == 2**30 and target["hidden_size"] == 256 and cpu["lengths"] == [8192, 16384, 32768]
     assert (gpu["target"]["num_hidden_layers"], gpu["target"]["num_key_value_heads"], gpu["draft"]["head_dim"]) == (
         32, 8, 64)
+    assert "speckv_sparse_static" in gpu["methods"] and "speckv_sparse_static" in cpu["methods"]  # the grid
+    assert module.base_method("speckv_sparse_static") == "speckv_sparse" and module.base_method("snapkv") == "snapkv"
+    assert module.decode_kind("snapkv_static") == "static, compiled" and module.decode_kind("stock") == "dynamic"
     rows = [dict(method=m, prompt_tokens=8, batch=1, new_tokens=4, ttft_s=t, tpot_s=t / 10, total_s=2 * t,
                  peak_mem_mib=p, decode="dynamic", warmup_s=t, skipped=None)
             for m, t, p in (("stock", 1.0, 10.0), ("snapkv", 0.5, 5.0))]
