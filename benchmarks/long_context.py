@@ -89,7 +89,7 @@ TINY_GPU = dict(target=llama(2, 64, 4, 2, 16, 128, 256), draft=llama(1, 32, 2, 2
 # ---------------------------------------------------------------------------------------------------------- helpers
 def base_method(method):
     """The method without its decoding variant: `speckv_sparse_static` -> `speckv_sparse`."""
-    return method[: -len(STATIC)] if method.endswith(STATIC) else method
+    return method.removesuffix(STATIC)
 
 
 def decode_kind(method):
@@ -259,6 +259,8 @@ class Worker:
         total = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else _proc_status().get("VmHWM", 0)
         assert out.shape[1] == ids.shape[1] + new, f"decoded {out.shape[1] - ids.shape[1]} tokens, not {new}"
+        if self.static:  # the row says "static": the prefill installed the static layers generate can compile
+            assert cache.is_compileable, "the static compressed layers were not installed"
         ttft = timer.time - start
         tpot = (total - ttft) / (new - 1) if new > 1 else None
         del out, cache
