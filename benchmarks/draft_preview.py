@@ -4,7 +4,7 @@ optimum-quanto int8 weights, on one prompt, in one process, steady state.
 Variants (every one greedy, the draft's generation config in force, `--new-tokens` tokens: EOS is held off with
 `min_new_tokens` so that every run decodes the same number of steps):
 
-* `loop`: `hf_specapprox.draft.generate_lookahead`, what SpecKV runs (dynamic cache, eager): the baseline;
+* `loop`: `hf_specapprox.modeling.draft.generate_lookahead`, what SpecKV runs (dynamic cache, eager): the baseline;
 * `generate`: stock `draft.generate(do_sample=False)` (dynamic cache, eager);
 * `static`: `draft.generate(..., cache_implementation="static", disable_compile=True)` (preallocated cache, eager);
 * `static+compile`: the same, compiled: on a GPU by `generate` itself (its compiled decoding step on a static cache),
@@ -91,7 +91,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from hf_specapprox.draft import generate_lookahead
+    from hf_specapprox.modeling.draft import generate_lookahead
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

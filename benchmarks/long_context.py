@@ -110,7 +110,7 @@ def sparse_prefill_supported():
 
 def vertical_slash():
     try:
-        from hf_specapprox.sparse_attention import vertical_slash_attention
+        from hf_specapprox.kernels.sparse_attention import vertical_slash_attention
     except ImportError:
         return None
     return vertical_slash_attention
@@ -391,7 +391,7 @@ def attention_worker(job):
     for length in job["lengths"]:
         row = attention_row(job, length)
         if sparse is None:
-            rows.append(dict(row, skipped="hf_specapprox.sparse_attention.vertical_slash_attention is not installed"))
+            rows.append(dict(row, skipped="hf_specapprox.kernels.sparse_attention.vertical_slash_attention is not installed"))
             continue
         try:
             rows.append(one_attention(length, row))

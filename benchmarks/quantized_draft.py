@@ -38,7 +38,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
     from hf_specapprox import SpecPCPreprocessor
-    from hf_specapprox.draft import generate_lookahead
+    from hf_specapprox.modeling.draft import generate_lookahead
     from hf_specapprox_eval import make_samples, score
     from hf_specapprox_eval.methods import _greedy
     from hf_specapprox_eval.models import load_pair

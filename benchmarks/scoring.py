@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from hf_specapprox.scoring import window_scores
+from hf_specapprox.kernels import window_scores
 
 PRESETS = {
     "tiny": dict(heads=4, kv_heads=2, head_dim=32, windows=[17], keys=[1024, 4096]),

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hf_specapprox.sparse_attention import vertical_slash_attention
+from hf_specapprox.kernels.sparse_attention import vertical_slash_attention
 
 
 def timed(fn, repeats):

@@ -24,7 +24,7 @@ import random
 
 import torch
 
-from hf_specapprox.draft import generate_lookahead
+from hf_specapprox.modeling.draft import generate_lookahead
 from hf_specapprox_eval import make_sample
 from _common import load_models, parser
 

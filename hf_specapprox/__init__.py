@@ -1,22 +1,22 @@
 """hf_specapprox: draft-based approximate inference (SpecKV, SpecPC, SpecKV-PC; arXiv 2506.08373) for transformers."""
 
-from .baselines import SnapKVCache, StreamingLLMCache
-from .binding import bind, is_bound, unbind
+from .kv.baselines import SnapKVCache, StreamingLLMCache
+from .kv.binding import bind, is_bound, unbind
 from .cascade import SpecKVPC
-from .cache import PromptCompressionCache, UnboundCacheError
-from .layers import CompressedKVLayer
-from .static_layers import StaticCacheOverflowError, StaticCompressedLayer
+from .kv.cache import PromptCompressionCache, UnboundCacheError
+from .kv.layers import CompressedKVLayer
+from .kv.static_layers import StaticCacheOverflowError, StaticCompressedLayer
 from .config import AttentionSelectionConfig, KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
-from .knorm import KeyNormScorer, KnormCache, KnormConfig
-from .policies import SelectionPolicy
-from .query_sources import DraftPreview, QuerySource
-from .scorers import AttentionScorer, KVScorer, RecencyScorer, ScorerInputs
-from .monitor import DraftAgreementMonitor
-from .pipeline import SpecApproxTextGenerationPipeline
-from .prompt_baselines import RandomPreprocessor, RecencyPreprocessor, SpecPrefillPreprocessor
-from .serving import ServingError, SpecPCClient, SpecPCCompletion, SpecPCStream
-from .speckv import SpecKVCache
-from .specpc import SpecPCOutput, SpecPCPreprocessor
+from .kv.knorm import KeyNormScorer, KnormCache, KnormConfig
+from .kv.policies import SelectionPolicy
+from .kv.query_sources import DraftPreview, QuerySource
+from .kv.scorers import AttentionScorer, KVScorer, RecencyScorer, ScorerInputs
+from .integrations.monitor import DraftAgreementMonitor
+from .integrations.pipeline import SpecApproxTextGenerationPipeline
+from .prompt.baselines import RandomPreprocessor, RecencyPreprocessor, SpecPrefillPreprocessor
+from .integrations.serving import ServingError, SpecPCClient, SpecPCCompletion, SpecPCStream
+from .kv.speckv import SpecKVCache
+from .prompt.specpc import SpecPCOutput, SpecPCPreprocessor
 
 __version__ = "0.1.0"
 

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import torch
 
-from .adapters import unwrap_adapters
+from .modeling.adapters import unwrap_adapters
 from .config import SpecKVConfig, SpecPCConfig
-from .distributed import computed_on_first_rank
-from .speckv import SpecKVCache
-from .specpc import SpecPCOutput, SpecPCPreprocessor
+from .modeling.distributed import computed_on_first_rank
+from .kv.speckv import SpecKVCache
+from .prompt.specpc import SpecPCOutput, SpecPCPreprocessor
 
 #: The released SpecKV-PC configs: SpecPC to 2048 tokens with kernel 32, and 20 draft tokens (the paper's code got
 #: them from transformers' implicit default; here the number is explicit).
@@ -51,7 +51,7 @@ class SpecKVPC:
             model (`PreTrainedModel`, *optional*): the target, bound and checked against the draft if given.
         """
         if model is not None:
-            from .draft import check_draft_compatible
+            from .modeling.draft import check_draft_compatible
 
             check_draft_compatible(self.draft, model)
         # A tensor-parallel target: the first rank of its group compresses, the others receive the same prompt.

@@ -18,9 +18,9 @@ POOL_TYPES = ("max", "mean")
 REDUCTION_TYPES = ("max", "mean")
 SCORING_IMPLEMENTATIONS = ("auto", "torch", "triton")
 SPARSE_PREFILL_MODES = ("auto", "on", "off")
-#: How kept positions are spread over the compressed layers (see `hf_specapprox.policies`).
+#: How kept positions are spread over the compressed layers (see `hf_specapprox.kv.policies`).
 LAYER_BUDGETS = ("uniform", "pyramid")
-#: How the draft decodes its lookahead (see `hf_specapprox.draft.generate_lookahead`).
+#: How the draft decodes its lookahead (see `hf_specapprox.modeling.draft.generate_lookahead`).
 LOOKAHEAD_DECODING_MODES = ("generation_config", "argmax")
 
 
@@ -184,7 +184,7 @@ class KVSelectionConfig(ConfigMixin):
             as every method's paper does) or `"pyramid"` (PyramidKV, Cai et al., 2024: more candidates in lower layers,
             fewer in upper ones, linearly, the same total; every KV head of a layer keeps the same number, so the
             memory is really saved). Layer-wise budgets need a bound target with `sdpa` or `eager` attention and the
-            dynamic decoding path; see `hf_specapprox.policies.pyramid_budgets`.
+            dynamic decoding path; see `hf_specapprox.kv.policies.pyramid_budgets`.
         pyramid_beta (`int`, *optional*, defaults to 20):
             PyramidKV's `beta`: the top layer keeps `1 / beta` of the average number of candidates.
     """

@@ -94,7 +94,7 @@ def cmd_env(args) -> int:
     import transformers
 
     from hf_specapprox import __version__
-    from hf_specapprox.scoring import triton_is_usable
+    from hf_specapprox.kernels import triton_is_usable
 
     try:
         import triton
@@ -208,7 +208,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from hf_specapprox.specpc import SpecPCPreprocessor
+    from hf_specapprox.prompt.specpc import SpecPCPreprocessor
 
     from .methods import specpc_window, voting_layer
 

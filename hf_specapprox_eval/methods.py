@@ -9,8 +9,8 @@ from transformers.utils import logging
 
 from hf_specapprox.cascade import DEFAULT_SPECPC
 from hf_specapprox.config import SpecKVConfig, SpecPCConfig
-from hf_specapprox.registry import METHODS as REGISTRY
-from hf_specapprox.registry import get_method
+from hf_specapprox.integrations.registry import METHODS as REGISTRY
+from hf_specapprox.integrations.registry import get_method
 
 logger = logging.get_logger(__name__)
 
@@ -29,7 +29,7 @@ def _offers(spec, variant: str) -> bool:
 
 
 #: name -> what its budget means ("kv": KV pairs per layer and head, "prompt": prompt tokens, None: no budget): every
-#: method of the registry (`hf_specapprox.registry`), the variants of its KV methods ([`KV_VARIANTS`]), and `draft`
+#: method of the registry (`hf_specapprox.integrations.registry`), the variants of its KV methods ([`KV_VARIANTS`]), and `draft`
 #: (the draft model answering alone, a reference).
 METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()},
            **{f"{name}+{variant}": "kv" for name, spec in REGISTRY.items() for variant in KV_VARIANTS
@@ -115,7 +115,7 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     """Runs one method on a (batch of) prompt(s).
 
     Args:
-        name: `draft`, a method of the registry (`hf_specapprox.registry.METHODS`), or a variant of a KV method
+        name: `draft`, a method of the registry (`hf_specapprox.integrations.registry.METHODS`), or a variant of a KV method
             (`"speckv+pyramid"`, `"speckv+dense"`, see [`KV_VARIANTS`]).
         budget: KV pairs per layer and KV head for KV methods (SpecKV-PC's second stage too), prompt tokens for
             prompt-compression methods; ignored by `full` and `draft`.

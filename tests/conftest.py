@@ -35,8 +35,9 @@ def _count_the_native_prepare_prefill_hook():
     if not UPSTREAM:
         yield
         return
-    from hf_specapprox import binding, compat
-    from hf_specapprox.cache import PromptCompressionCache
+    from hf_specapprox import compat
+    from hf_specapprox.kv import binding
+    from hf_specapprox.kv.cache import PromptCompressionCache
 
     assert compat.has_native_prepare_prefill(), (
         "HF_SPECAPPROX_UPSTREAM=1 needs transformers patched with upstream/*.patch (`Cache.prepare_prefill`)")

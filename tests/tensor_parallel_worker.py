@@ -16,7 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_specapprox as hs
-from hf_specapprox import compat, registry
+from hf_specapprox import compat
+from hf_specapprox.integrations import registry
 
 METHODS = {
     "speckv": {"speckv_config": hs.SpecKVConfig(max_capacity_prompt=12, window_size=3, lookahead_tokens=4)},

@@ -8,7 +8,8 @@ import transformers
 from transformers import DynamicCache
 
 import hf_specapprox as hs
-from hf_specapprox import compat, scoring
+from hf_specapprox import compat
+from hf_specapprox import kernels as scoring
 from test_oracle import assert_matches_oracle
 from tiny_models import random_batch, tiny_model
 
@@ -118,7 +119,7 @@ def test_linear_attention_model_is_refused(pair):
         shared_expert_intermediate_size=16,
     )
     with pytest.raises(ValueError, match="linear_attention"):
-        hs.layers.build_layers(config)
+        hs.kv.layers.build_layers(config)
 
 
 def test_all_sliding_model_is_refused(pair):

@@ -89,7 +89,7 @@ def test_run_is_resumable_and_summarised(tmp_path, monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(runner_module, "run_method", counting)
-    from hf_specapprox.prompt_baselines import generate_advances_position_ids
+    from hf_specapprox.prompt.baselines import generate_advances_position_ids
 
     # SpecPrefill gives the target original position ids, which `generate` carries only from transformers 5.x on
     methods = {name: kind for name, kind in METHODS.items()

@@ -10,9 +10,9 @@ from transformers import DynamicCache
 import hf_specapprox as hs
 from hf_specapprox import compat
 from hf_specapprox.config import resolve_specpc_kernel_size
-from hf_specapprox.draft import generate_lookahead
-from hf_specapprox.prompt_baselines import generate_advances_position_ids
-from hf_specapprox.registry import get_method
+from hf_specapprox.modeling.draft import generate_lookahead
+from hf_specapprox.prompt.baselines import generate_advances_position_ids
+from hf_specapprox.integrations.registry import get_method
 from hf_specapprox_eval.methods import method_configs, run_method
 from tiny_models import EOS_ID, random_batch, tiny_model
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_specapprox as hs
-from hf_specapprox import draft as draft_checks
+from hf_specapprox.modeling import draft as draft_checks
 from tiny_models import random_batch, tiny_model
 
 SPECKV = dict(max_capacity_prompt=12, window_size=3, lookahead_tokens=4)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_specapprox as hs
-from hf_specapprox.scoring.select import chunk_keep_mask
+from hf_specapprox.kernels.select import chunk_keep_mask
 from tiny_models import random_batch, tiny_model
 
 

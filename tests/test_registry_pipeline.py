@@ -12,7 +12,7 @@ import torch
 from transformers import pipeline
 
 import hf_specapprox as hs
-from hf_specapprox import registry
+from hf_specapprox.integrations import registry
 from tiny_models import tiny_model, tiny_tokenizer, words
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_importing_the_core_loads_no_evaluation_cli_or_model_loading_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = eval(done.stdout.strip().splitlines()[-1])  # a list literal of module names
-    assert "hf_specapprox" in loaded and "hf_specapprox.registry" in loaded
+    assert "hf_specapprox" in loaded and "hf_specapprox.integrations.registry" in loaded
     for name in loaded:
         assert not name.startswith("hf_specapprox_eval"), name
         assert name.split(".")[1:2] not in (["eval"], ["cli"], ["models"]), name
@@ -62,7 +62,7 @@ def test_the_pipeline_the_harness_and_the_cli_read_one_registry():
     names = list(registry.METHODS)
     # the paper's methods and baselines, and Knorm (registered with one line: it must appear everywhere by itself)
     assert set(names) >= {"full", "speckv", "snapkv", "streamingllm", "knorm", "specpc", "specprefill", "speckv_pc"}
-    assert hs.pipeline.METHODS == tuple(names)
+    assert hs.integrations.pipeline.METHODS == tuple(names)
     variants = {f"{name}+pyramid": "kv" for name in ("speckv", "snapkv", "streamingllm", "knorm", "speckv_pc")}
     variants.update({f"{name}+dense": "kv" for name in ("speckv", "speckv_pc")})  # sparse prefill by default
     assert HARNESS_METHODS == {"draft": None, **{name: spec.budget for name, spec in registry.METHODS.items()},
@@ -147,7 +147,7 @@ def test_pipeline_without_a_draft_runs_the_draft_free_methods(models, tokenizer)
 
 def test_triton_fallback_warns_once(monkeypatch, caplog):
     """`implementation="auto"` on CUDA tensors without a usable Triton scores with torch and says so."""
-    from hf_specapprox import scoring
+    from hf_specapprox import kernels as scoring
 
     class CudaLooking(torch.Tensor):
         @property

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_specapprox as hs
-from hf_specapprox import registry
-from hf_specapprox.policies import pyramid_budgets
+from hf_specapprox.integrations import registry
+from hf_specapprox.kv.policies import pyramid_budgets
 from oracle import oracle_logits
 from test_oracle import assert_matches_oracle
 from tiny_models import random_batch, tiny_model

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_specapprox.draft import generate_lookahead
-from hf_specapprox.scoring import pool_scores, select_kept_positions, window_scores
+from hf_specapprox.modeling.draft import generate_lookahead
+from hf_specapprox.kernels import pool_scores, select_kept_positions, window_scores
 
 
 def materialised_scores(q, k, scaling, query_offset, key_valid, query_valid, reduction):

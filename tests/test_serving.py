@@ -30,7 +30,7 @@ from hf_specapprox import (
     SpecPCStream,
     SpecPrefillPreprocessor,
 )
-from hf_specapprox.prompt_baselines import generate_advances_position_ids
+from hf_specapprox.prompt.baselines import generate_advances_position_ids
 from hf_specapprox.testing import tiny_pair, tiny_tokenizer, words
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -382,7 +382,7 @@ def test_api_key_and_headers_are_sent(setup):
 
 
 def test_importing_loads_no_serving_package():
-    code = ("import sys, hf_specapprox.serving; "
+    code = ("import sys, hf_specapprox.integrations.serving; "
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'openai', 'starlette') "
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

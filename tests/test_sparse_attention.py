@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_specapprox import sparse_attention
-from hf_specapprox.sparse_attention import vertical_columns, vertical_slash_attention
+from hf_specapprox.kernels import sparse_attention
+from hf_specapprox.kernels.sparse_attention import vertical_columns, vertical_slash_attention
 
 TILE = 16  # FlexAttention tile used by the tests: 80 tokens give five query tiles
 

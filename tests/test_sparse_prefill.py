@@ -242,7 +242,7 @@ def test_an_exception_in_the_sparse_prefill_leaves_the_model_as_it_was(monkeypat
     def broken(*args, **kwargs):
         raise RuntimeError("kernel failed")
 
-    monkeypatch.setattr(hs.sparse_attention, "vertical_slash_attention", broken)
+    monkeypatch.setattr(hs.kernels.sparse_attention, "vertical_slash_attention", broken)
     ids, mask = random_batch(1, 40, [0], seed=13)
     cache = hs.SpecKVCache(lookahead_ids=torch.tensor([[4, 5]]), max_capacity_prompt=12, window_size=3, **{
         k: v for k, v in SPARSE.items()})

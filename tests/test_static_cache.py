@@ -15,7 +15,7 @@ import torch
 from transformers import CompileConfig
 
 import hf_specapprox as hs
-from hf_specapprox.static_layers import StaticCacheOverflowError, StaticCompressedLayer
+from hf_specapprox.kv.static_layers import StaticCacheOverflowError, StaticCompressedLayer
 from test_oracle import assert_matches_oracle
 from tiny_models import random_batch, tiny_model
 

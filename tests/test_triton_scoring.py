@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton")
 
 import hf_specapprox as hs  # noqa: E402
-from hf_specapprox.scoring import triton_is_usable, window_scores  # noqa: E402
+from hf_specapprox.kernels import triton_is_usable, window_scores  # noqa: E402
 from oracle import oracle_logits  # noqa: E402
 from tiny_models import random_batch, tiny_model  # noqa: E402
 

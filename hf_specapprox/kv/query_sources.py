@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import unwrap_adapters
-from .distributed import computed_on_first_rank
-from .draft import check_draft_compatible, check_lookahead_ids, generate_lookahead
+from ..modeling.adapters import unwrap_adapters
+from ..modeling.distributed import computed_on_first_rank
+from ..modeling.draft import check_draft_compatible, check_lookahead_ids, generate_lookahead
 
 
 class QuerySource:

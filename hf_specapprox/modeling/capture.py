@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import compat
+from .. import compat
 
 #: Keyword argument that carries an [`AttentionObserver`] from the backbone call down to the attention functions.
 SCORING_KWARG = "hf_specapprox_prefill"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .cache import PromptCompressionCache
-from .config import SnapKVConfig, StreamingLLMConfig
+from ..config import SnapKVConfig, StreamingLLMConfig
 from .scorers import AttentionScorer, RecencyScorer
 
 

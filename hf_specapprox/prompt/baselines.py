@@ -9,10 +9,10 @@ from functools import lru_cache
 import torch
 import transformers
 
-from .capture import SCORING_KWARG, AttentionObserver, scoring_attention
-from .config import SpecPCConfig
-from .draft import generate_lookahead
-from .scoring.select import chunk_keep_mask, pool_scores
+from ..modeling.capture import SCORING_KWARG, AttentionObserver, scoring_attention
+from ..config import SpecPCConfig
+from ..modeling.draft import generate_lookahead
+from ..kernels.select import chunk_keep_mask, pool_scores
 from .specpc import SpecPCPreprocessor
 
 
@@ -91,7 +91,7 @@ class SpecPrefillPreprocessor(SpecPCPreprocessor):
     4. the kept tokens keep their **original position ids** (`output.position_ids`, part of `output.model_inputs`),
        and decoding continues at the original prompt length.
 
-    Carrying position ids through `generate` needs transformers 5.x (`hf_specapprox.prompt_baselines.generate_advances_position_ids`); on 4.56
+    Carrying position ids through `generate` needs transformers 5.x (`hf_specapprox.prompt.baselines.generate_advances_position_ids`); on 4.56
     `keep_original_positions=True` (the default) is refused at construction. `keep_original_positions=False`
     renumbers the kept tokens contiguously, as SpecPC does (a deviation from SpecPrefill's code).
 

@@ -9,8 +9,8 @@ import torch
 from transformers import DynamicCache
 from transformers.generation import LogitsProcessorList
 
-from . import compat
-from .config import LOOKAHEAD_DECODING_MODES
+from .. import compat
+from ..config import LOOKAHEAD_DECODING_MODES
 
 # Two checkpoints of one tokenizer family may pad their embedding tables differently (Qwen2.5-0.5B has 151,936 rows,
 # Qwen2.5-14B 152,064); a larger gap means different tokenizers.

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessorList, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .draft import check_draft_compatible
+from ..modeling.draft import check_draft_compatible
 from .monitor import DraftAgreementMonitor
 from .registry import METHODS as REGISTRY
 from .registry import get_method
@@ -24,7 +24,7 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
 
     Everything of the stock pipeline works (text and chat inputs, `batch_size`, `return_full_text`, generation
     kwargs); in addition each request is prepared in `_forward` by the method of the registry
-    (`hf_specapprox.registry`) named by `method`:
+    (`hf_specapprox.integrations.registry`) named by `method`:
 
     * `method="speckv"` (default): a fresh [`SpecKVCache`] for `generate`;
     * `method="specpc"`: its prompt compressed by [`SpecPCPreprocessor`] before `generate`;

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from . import compat
-from .adapters import unwrap_adapters
-from .capture import install_scoring_attention, restore_attention
+from .. import compat
+from ..modeling.adapters import unwrap_adapters
+from ..modeling.capture import install_scoring_attention, restore_attention
 
 _BINDING_ATTRIBUTE = "_hf_specapprox_binding"
 

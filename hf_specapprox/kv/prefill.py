@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.utils import logging
 
-from . import compat, sparse_attention
-from .capture import (SCORING_KWARG, AttentionObserver, has_scoring_attention, layer_index, original_attention_names,
+from .. import compat
+from ..kernels import sparse_attention
+from ..modeling.capture import (SCORING_KWARG, AttentionObserver, has_scoring_attention, layer_index, original_attention_names,
                       scoring_attention)
 from .layers import CompressedKVLayer, build_layers
 from .scorers import ScorerInputs

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from . import compat, prefill
+from .. import compat
+from . import prefill
 from .binding import ModelBoundCache, bind
-from .config import KVSelectionConfig, resolve_config
+from ..config import KVSelectionConfig, resolve_config
 from .layers import CompressedKVLayer, build_layers
 from .policies import SelectionPolicy
 from .query_sources import QuerySource

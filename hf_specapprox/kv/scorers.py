@@ -3,15 +3,15 @@
 A compressing cache is a composition (see [`PromptCompressionCache`]):
 
 * a **query source** appends tokens after the prompt for the scoring forward (SpecKV: the draft's answer preview,
-  [`~hf_specapprox.query_sources.DraftPreview`]; SnapKV: nothing);
+  [`~hf_specapprox.kv.query_sources.DraftPreview`]; SnapKV: nothing);
 * a **scorer** ([`KVScorer`]) turns one full-attention layer's post-RoPE queries and keys into one score per
   candidate prompt position and KV head;
-* a **selection policy** ([`~hf_specapprox.policies.SelectionPolicy`]) keeps the always-kept window and sinks and
+* a **selection policy** ([`~hf_specapprox.kv.policies.SelectionPolicy`]) keeps the always-kept window and sinks and
   the best candidates of each KV head, under a per-layer budget.
 
 A scorer only answers "how good is each candidate key?": padding, ties, the window, sinks, budgets and the kept rows'
 bookkeeping are the policy's and the cache's job. Writing a new method is one file with a scorer, its config and a
-cache class naming both (`hf_specapprox/knorm.py` is the example), plus one line in `hf_specapprox/registry.py`.
+cache class naming both (`hf_specapprox/kv/knorm.py` is the example), plus one line in `hf_specapprox/integrations/registry.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import scoring
+from .. import kernels
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ScorerInputs:
 class KVScorer:
     """Base class of the scorers: one method, [`score`].
 
-    Example (kvpress's KnormPress, the whole of `hf_specapprox/knorm.py`'s scorer):
+    Example (kvpress's KnormPress, the whole of `hf_specapprox/kv/knorm.py`'s scorer):
 
     ```python
     >>> class KeyNormScorer(KVScorer):
@@ -116,7 +116,7 @@ class AttentionScorer(KVScorer):
         reduction (`str`, *optional*, defaults to `"max"`): `"max"` (SpecKV) or `"mean"` (SnapKV's sum, ranked alike).
         kernel_size (`int`, *optional*, defaults to 7): odd pooling width; 1 disables pooling.
         pool_type (`str`, *optional*, defaults to `"max"`): `"max"` or `"mean"`.
-        implementation (`str`, *optional*, defaults to `"auto"`): see `hf_specapprox.scoring.window_scores`.
+        implementation (`str`, *optional*, defaults to `"auto"`): see `hf_specapprox.kernels.window_scores`.
     """
 
     reduction: str = "max"
@@ -131,12 +131,12 @@ class AttentionScorer(KVScorer):
                    implementation=config.scoring_implementation)
 
     def score(self, inputs: ScorerInputs) -> torch.Tensor:
-        scores = scoring.window_scores(
+        scores = kernels.window_scores(
             inputs.queries, inputs.keys, scaling=inputs.scaling, query_offset=inputs.query_offset,
             key_valid=inputs.key_valid, query_valid=inputs.query_valid, reduction=self.reduction,
             implementation=self.implementation,
         )
-        return scoring.pool_scores(scores[..., : inputs.num_candidates], self.kernel_size, self.pool_type)
+        return kernels.pool_scores(scores[..., : inputs.num_candidates], self.kernel_size, self.pool_type)
 
 
 class RecencyScorer(KVScorer):

@@ -8,7 +8,7 @@ cache (KV compression).
 Example:
 
 ```python
->>> from hf_specapprox.registry import get_method
+>>> from hf_specapprox.integrations.registry import get_method
 >>> spec = get_method("speckv-pc")  # "-" and "_" are the same
 >>> spec.name, spec.budget, spec.config_arguments
 ('speckv_pc', 'kv', ('specpc_config', 'speckv_config'))
@@ -25,15 +25,15 @@ from typing import Callable
 
 import torch
 
-from . import compat
-from .baselines import SnapKVCache, StreamingLLMCache
-from .cascade import DEFAULT_SPECKV, DEFAULT_SPECPC, SpecKVPC
-from .config import SpecKVConfig, SpecPCConfig
-from .distributed import computed_on_first_rank
-from .knorm import KnormCache
-from .prompt_baselines import SpecPrefillPreprocessor
-from .speckv import SpecKVCache
-from .specpc import SpecPCOutput, SpecPCPreprocessor
+from .. import compat
+from ..kv.baselines import SnapKVCache, StreamingLLMCache
+from ..cascade import DEFAULT_SPECKV, DEFAULT_SPECPC, SpecKVPC
+from ..config import SpecKVConfig, SpecPCConfig
+from ..modeling.distributed import computed_on_first_rank
+from ..kv.knorm import KnormCache
+from ..prompt.baselines import SpecPrefillPreprocessor
+from ..kv.speckv import SpecKVCache
+from ..prompt.specpc import SpecPCOutput, SpecPCPreprocessor
 
 
 @dataclass

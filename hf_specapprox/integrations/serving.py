@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .specpc import SpecPCOutput, SpecPCPreprocessor
+from ..prompt.specpc import SpecPCOutput, SpecPCPreprocessor
 
 PROMPT_FORMATS = ("auto", "ids", "text")
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from . import compat
+from .. import compat
 from .layers import CompressedKVLayer, tokens_to_crop
 
 

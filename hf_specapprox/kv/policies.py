@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LAYER_BUDGETS
-from .scoring import select_kept_positions
+from ..config import LAYER_BUDGETS
+from ..kernels import select_kept_positions
 
 
 def pyramid_budgets(per_layer: int, num_layers: int, num_candidates: int, beta: float) -> list[int]:

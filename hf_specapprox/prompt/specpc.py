@@ -7,12 +7,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import scoring
-from .adapters import unwrap_adapters
-from .capture import SCORING_KWARG, AttentionObserver, layer_index, scoring_attention
-from .config import SpecPCConfig, resolve_config, resolve_specpc_kernel_size
-from .draft import check_prompt_ids, generate_lookahead
-from .scoring.select import specpc_keep_mask
+from .. import kernels
+from ..modeling.adapters import unwrap_adapters
+from ..modeling.capture import SCORING_KWARG, AttentionObserver, layer_index, scoring_attention
+from ..config import SpecPCConfig, resolve_config, resolve_specpc_kernel_size
+from ..modeling.draft import check_prompt_ids, generate_lookahead
+from ..kernels.select import specpc_keep_mask
 
 
 @dataclass
@@ -95,7 +95,7 @@ class _DraftVotes(AttentionObserver):
             weights = None
             if self.config.weighted_query and self.window > 1:
                 weights = torch.linspace(0, 1, self.window, device=key.device)
-            votes = scoring.window_scores(
+            votes = kernels.window_scores(
                 query[:, :, start:, :], key, scaling=scaling or query.shape[-1] ** -0.5, query_offset=start,
                 key_valid=mask, query_valid=mask[:, start:], reduction="max", query_weights=weights,
                 implementation=self.config.scoring_implementation,
@@ -104,7 +104,7 @@ class _DraftVotes(AttentionObserver):
         else:  # a decode step: one new query, the previous lookahead token
             key_valid = torch.cat([mask, torch.ones(mask.shape[0], num_keys - length, dtype=torch.bool,
                                                     device=key.device)], dim=1)
-            votes = scoring.window_scores(
+            votes = kernels.window_scores(
                 query, key, scaling=scaling or query.shape[-1] ** -0.5, query_offset=num_keys - query.shape[2],
                 key_valid=key_valid, reduction="max", implementation=self.config.scoring_implementation,
             )

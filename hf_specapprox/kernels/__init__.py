@@ -1,4 +1,5 @@
-"""Attention scoring used to rank prompt keys: one public function, two implementations.
+"""Kernels: attention scoring used to rank prompt keys (one public function, two implementations), the selection
+helpers (pooling, top-k, SpecPC's neighbour expansion) and the sparse (vertical-slash) prefill attention.
 
 [`window_scores`] dispatches to the fused Triton kernels for CUDA tensors when Triton is installed with a working
 driver, and to the chunked torch reference otherwise. `implementation="torch"` / `"triton"` forces one (tests run the

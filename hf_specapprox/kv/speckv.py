@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .cache import PromptCompressionCache
-from .config import SpecKVConfig, resolve_config
+from ..config import SpecKVConfig, resolve_config
 from .query_sources import DraftPreview
 from .scorers import AttentionScorer
 

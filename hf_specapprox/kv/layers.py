@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from . import compat
+from .. import compat
 
 
 def tokens_to_crop(layer, max_length: int) -> int:

@@ -1,8 +1,8 @@
 """Knorm (Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression"; kvpress's
 `KnormPress`): keys with a small L2 norm draw attention, so each KV head keeps its smallest-norm prompt keys.
 
-Written only against the public scorer contract (`hf_specapprox.scorers`) and registered with one line in
-`hf_specapprox/registry.py`: that is all a new method needs to appear in the pipeline, the evaluation harness, the
+Written only against the public scorer contract (`hf_specapprox.kv.scorers`) and registered with one line in
+`hf_specapprox/integrations/registry.py`: that is all a new method needs to appear in the pipeline, the evaluation harness, the
 CLI and the test grid.
 """
 
@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from .cache import PromptCompressionCache
-from .config import KVSelectionConfig
+from ..config import KVSelectionConfig
 from .scorers import KVScorer, ScorerInputs
 
 
