@@ -86,11 +86,6 @@ def cache_kwarg_name(module: torch.nn.Module) -> str:
     return "cache" if "cache" in _forward_parameters(type(module)) else "past_key_values"
 
 
-def forward_takes(module: torch.nn.Module, name: str) -> bool:
-    """Whether `module.forward` has a parameter called `name` (e.g. `cache_position` before 5.4)."""
-    return name in _forward_parameters(type(module))
-
-
 def get_attn_implementation(config) -> str | None:
     """The attention implementation a config dispatches to (`"sdpa"`, `"eager"`, ...)."""
     return config._attn_implementation
@@ -120,29 +115,6 @@ def eager_attention_function(module):
             "`attn_implementation='sdpa'` to use it with hf_specapprox."
         )
     return function
-
-
-def generation_logits_processors(model, generation_config, input_ids, attention_mask):
-    """The `LogitsProcessorList` `model.generate` builds for `generation_config`, or `None` where the model lacks
-    the (private) builder.
-
-    transformers has no public function for this list; `generate` calls `_prepare_special_tokens` and then
-    `_get_logits_processor`, whose keyword arguments used here are the same on 4.56 through 5.24.
-    """
-    if not (hasattr(model, "_get_logits_processor") and hasattr(model, "_prepare_special_tokens")):
-        return None
-    import warnings
-
-    from transformers import LogitsProcessorList
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # generate's own advisories (e.g. about sampling knobs) are not ours
-        model._prepare_special_tokens(generation_config, kwargs_has_attention_mask=True, device=input_ids.device)
-        return model._get_logits_processor(
-            generation_config=generation_config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
-            prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=input_ids.device,
-            model_kwargs={"attention_mask": attention_mask},
-        )
 
 
 def text_config(config):

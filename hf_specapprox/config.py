@@ -41,23 +41,35 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} ({value!r}).")
 
 
-def _check_token_sequence(value) -> None:
+def token_id_tuple(value) -> tuple[int, ...]:
+    """`protected_token_ids` as the one form a config holds: a tuple of non-negative Python ints (from `None`, one
+    id, a list, a tuple, a tensor or numpy integers); raises `TypeError` / `ValueError` for anything else."""
+    if value is None:
+        return ()
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()  # a tensor or numpy array
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise TypeError(
             f"`protected_token_ids` must be a sequence of token ids (or None), got {type(value).__name__} ({value!r})."
+            " Give e.g. `tokenizer.all_special_ids`, or `()` for none."
         )
-
-
-def _token_id(value) -> int:
-    """An integer token id (Python, numpy or 0-d tensor integers), never a bool or a float."""
-    if isinstance(value, bool):
-        raise TypeError(f"`protected_token_ids` must hold integer token ids, got the bool {value!r}.")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"`protected_token_ids` must hold integer token ids, got {type(value).__name__} ({value!r})."
-        ) from None
+    ids = []
+    for item in value:
+        if isinstance(item, bool):
+            raise TypeError(f"`protected_token_ids` must hold integer token ids, got the bool {item!r}.")
+        try:
+            token = operator.index(item)
+        except TypeError:
+            raise TypeError(
+                f"`protected_token_ids` must hold integer token ids, got {type(item).__name__} ({item!r}); convert "
+                "tokens with `tokenizer.convert_tokens_to_ids`."
+            ) from None
+        if token < 0:
+            raise ValueError(f"`protected_token_ids[...]` must be >= 0, got {token}.")
+        ids.append(token)
+    return tuple(ids)
 
 
 #: The attribute of a `GenerationConfig` under which [`~ConfigMixin.to_generation_config`] stores a config.
@@ -454,11 +466,14 @@ class SpecPCConfig(ConfigMixin):
     protected_token_ids: tuple = ()
     scoring_implementation: str = "auto"
 
+    def __setattr__(self, name, value):
+        # One place checks `protected_token_ids`: every assignment (construction and later edits alike) stores the
+        # normalised tuple, so a config edited with a list still equals its JSON round trip.
+        if name == "protected_token_ids":
+            value = token_id_tuple(value)
+        super().__setattr__(name, value)
+
     def __post_init__(self):
-        if self.protected_token_ids is None:
-            self.protected_token_ids = ()
-        _check_token_sequence(self.protected_token_ids)
-        self.protected_token_ids = tuple(_token_id(i) for i in self.protected_token_ids)
         self.validate()
 
     def validate(self) -> None:
@@ -482,12 +497,6 @@ class SpecPCConfig(ConfigMixin):
         _check_positive_int("starting_layer_index", self.starting_layer_index, minimum=0)
         _check_bool("weighted_query", self.weighted_query)
         _check_positive_int("num_sink_tokens", self.num_sink_tokens, minimum=0)
-        protected = self.protected_token_ids
-        if protected is None or (isinstance(protected, int) and not isinstance(protected, bool)):
-            protected = () if protected is None else (protected,)  # an edit to None or to one id is read as such
-        _check_token_sequence(protected)
-        for token_id in protected:
-            _check_positive_int("protected_token_ids[...]", token_id, minimum=0)
         _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
 
     @property

@@ -6,6 +6,7 @@ import json
 from dataclasses import fields
 
 import pytest
+import torch
 from transformers import GenerationConfig
 
 import hf_specapprox as hs
@@ -127,8 +128,9 @@ def test_weighted_query_must_be_a_bool():
 def test_protected_token_ids():
     assert hs.SpecPCConfig(protected_token_ids=None).protected_token_ids == ()
     assert hs.SpecPCConfig(protected_token_ids=[4, 9]).protected_token_ids == (4, 9)
+    assert hs.SpecPCConfig(protected_token_ids=7).protected_token_ids == (7,)  # one id
     with pytest.raises(TypeError, match="sequence of token ids"):
-        hs.SpecPCConfig(protected_token_ids=7)
+        hs.SpecPCConfig(protected_token_ids="w5")
     with pytest.raises(TypeError, match="integer token ids"):
         hs.SpecPCConfig(protected_token_ids=[True])
     with pytest.raises(TypeError, match="integer token ids"):
@@ -154,3 +156,14 @@ def test_validate_is_public_and_catches_edits(config, edit, error):
         setattr(config, name, value)
     with pytest.raises((TypeError, ValueError), match=error):
         config.validate()
+
+
+def test_an_edited_protected_token_ids_round_trips_equal():
+    """Before: a list assigned after construction validated, but the JSON round trip gave a tuple (not `==`)."""
+    config = hs.SpecPCConfig()
+    config.protected_token_ids = [5, 9]
+    assert config.protected_token_ids == (5, 9)
+    assert hs.SpecPCConfig.from_dict(config.to_dict()) == config
+    assert hs.SpecPCConfig.from_json_string(config.to_json_string()) == config
+    config.protected_token_ids = torch.tensor([3, 4])
+    assert config.protected_token_ids == (3, 4) and all(type(i) is int for i in config.protected_token_ids)

@@ -230,7 +230,7 @@ def test_all_padding_rows_and_empty_prompts_are_refused(models):
     target, draft = models
     ids, mask = random_batch(2, 30, [0, 0], seed=13)
     mask[1] = 0
-    with pytest.raises(ValueError, match=r"rows \[1\] are all padding"):
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the batch are all padding"):
         run(target, hs.SpecKVCache(draft=draft, **KNOBS), ids, mask)
     cache = hs.SpecKVCache(draft=draft, **KNOBS)
     with pytest.raises(ValueError, match="non-empty"):

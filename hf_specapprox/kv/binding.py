@@ -21,34 +21,34 @@ first two for any model, so [`bind`] installs only the scoring attention (for co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager, Protocol, runtime_checkable
 
 import torch
 
 from .. import compat
 from ..modeling.adapters import unwrap_adapters
-from ..modeling.capture import install_scoring_attention, restore_attention
+from ..modeling.capture import has_scoring_attention, install_scoring_attention, restore_attention
 
 _BINDING_ATTRIBUTE = "_hf_specapprox_binding"
 
 
-class ModelBoundCache:
-    """What a cache implements to be driven by a bound model (the compressing caches derive from it)."""
+@runtime_checkable
+class BoundCache(Protocol):
+    """What a cache implements to be driven by a bound model (the compressing caches do): a public duck protocol."""
 
-    def _prepare_generate(self, model, input_ids, model_kwargs: dict, generation_config) -> None:
-        """Called at the start of every `generate` call of a bound model, with the call's full ids."""
-        raise NotImplementedError
+    def serving_generate(self, model, input_ids, model_kwargs: dict, generation_config) -> ContextManager:
+        """Held around every `generate` call of a bound model, entered with the call's full ids before anything
+        else."""
 
-    def _prepare_forward(self, model, args: tuple, kwargs: dict):
+    def prepare_forward(self, model, args: tuple, kwargs: dict):
         """Forward pre-hook body: the `(args, kwargs)` the forward runs with, or `None` to leave them."""
-        raise NotImplementedError
 
 
 def _prefill_hook(module, args, kwargs):
     _, cache = compat.get_cache_from_kwargs(kwargs)
-    if not isinstance(cache, ModelBoundCache):
+    if not isinstance(cache, BoundCache):
         return None
-    return cache._prepare_forward(module, args, kwargs)
+    return cache.prepare_forward(module, args, kwargs)
 
 
 class _BoundGenerate:
@@ -60,17 +60,18 @@ class _BoundGenerate:
 
     def __call__(self, *args, **kwargs):
         _, cache = compat.get_cache_from_kwargs(kwargs)
-        if isinstance(cache, ModelBoundCache):
-            input_ids = kwargs.get("input_ids", kwargs.get("inputs"))
-            if input_ids is None and args and isinstance(args[0], torch.Tensor):
-                input_ids = args[0]
-            generation_config = kwargs.get("generation_config")
-            if generation_config is None and len(args) > 1:
-                generation_config = args[1]
-            configs = [config for config in (generation_config, getattr(self.model, "generation_config", None))
-                       if config is not None]
-            cache._prepare_generate(self.model, input_ids, kwargs, _FirstOf(configs))
-        return self.__wrapped__(*args, **kwargs)
+        if not isinstance(cache, BoundCache):
+            return self.__wrapped__(*args, **kwargs)
+        input_ids = kwargs.get("input_ids", kwargs.get("inputs"))
+        if input_ids is None and args and isinstance(args[0], torch.Tensor):
+            input_ids = args[0]
+        generation_config = kwargs.get("generation_config")
+        if generation_config is None and len(args) > 1:
+            generation_config = args[1]
+        configs = [config for config in (generation_config, getattr(self.model, "generation_config", None))
+                   if config is not None]
+        with cache.serving_generate(self.model, input_ids, kwargs, _FirstOf(configs)):
+            return self.__wrapped__(*args, **kwargs)
 
 
 class _FirstOf:
@@ -127,6 +128,10 @@ def bind(model: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"`bind` expects a torch model, got {type(model).__name__}.")
     inner = unwrap_adapters(model, role="target")
     if is_bound(inner):
+        binding = getattr(inner, _BINDING_ATTRIBUTE)
+        if not has_scoring_attention(inner):
+            # The user switched the attention implementation since (`set_attn_implementation`): wrap the new one.
+            binding.attention = install_scoring_attention(inner)
         return model
     attention = install_scoring_attention(inner)
     had_own_generate = "generate" in vars(inner)

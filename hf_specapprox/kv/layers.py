@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .. import compat
+from ..checks import layer_type_reasons, refuse
 
 
 def tokens_to_crop(layer, max_length: int) -> int:
@@ -59,11 +60,17 @@ class CompressedKVLayer(DynamicLayer):
         positions = positions.to(key_states.device)
         keys = key_states.gather(2, positions[..., None].expand(-1, -1, -1, key_states.shape[-1]))
         values = value_states.gather(2, positions[..., None].expand(-1, -1, -1, value_states.shape[-1]))
+        self.load(keys.contiguous(), values.contiguous(), seen_tokens, positions, positions.shape[-1])
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor, seen_tokens: int, kept_positions: torch.Tensor | None,
+             compressed_rows: int) -> None:
+        """Replaces the layer's content: `keys`/`values` as its rows, having seen `seen_tokens` tokens."""
         self.reset()
-        super().update(keys.contiguous(), values.contiguous())
+        if keys.shape[-2]:
+            super().update(keys, values)
         self.seen_tokens = seen_tokens
-        self.kept_positions = positions
-        self.compressed_rows = positions.shape[-1]
+        self.kept_positions = kept_positions
+        self.compressed_rows = compressed_rows
 
     @property
     def num_rows(self) -> int:
@@ -116,18 +123,10 @@ class CompressedKVLayer(DynamicLayer):
             self.kept_positions = self.kept_positions[indices]
 
 
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-
-
 def build_layers(model_config) -> list:
     """The layers `DynamicCache(config=...)` would build, with every full-attention layer made compressible."""
+    refuse(layer_type_reasons(model_config))
     config = compat.text_config(model_config)
-    unsupported = sorted(set(getattr(config, "layer_types", None) or []) - set(SUPPORTED_LAYER_TYPES))
-    if unsupported:
-        raise ValueError(
-            f"This model has {unsupported} layers, which hf_specapprox cannot score or compress (only full-attention "
-            "and sliding-window attention layers are supported). Use a plain `DynamicCache` for this model."
-        )
     template = DynamicCache(config=config)
     layers = []
     for index, layer in enumerate(template.layers):

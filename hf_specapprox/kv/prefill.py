@@ -1,77 +1,94 @@
-"""The compressing prefill: how a compressing cache fills itself from a whole prompt.
+"""The compressing prefill: the step that fills a compressing cache's layers from a whole prompt.
 
 For a prompt of `L` tokens (left-padded) and a budget `C < L`:
 
-1. the cache's method appends its lookahead (SpecKV: the draft's greedy answer preview; SnapKV: nothing);
-2. the model's backbone runs once over `prompt + lookahead`; in every full-attention layer the queries of the voting
-   rows score the candidate keys, and the layer keeps its `C - window` best candidates per KV head plus the window,
-   right after computing its own attention (so at most one layer's full K/V exists at a time);
-3. the lookahead's and the last prompt token's K/V are never stored: the cache then holds `L - 1` logical positions,
-   and the forward that follows (the one `generate` runs) computes the last prompt token at its original position
-   against the compressed cache.
+1. the query source appends its tokens (SpecKV: the draft's greedy answer preview; SnapKV: nothing);
+2. the model's backbone runs once over `prompt + appended tokens`; in every full-attention layer the queries of the
+   voting rows score the candidate keys, and the layer keeps its `C - window` best candidates per KV head plus the
+   window, right after computing its own attention (so at most one layer's full K/V exists at a time);
+3. the appended tokens' and the last prompt token's K/V are never stored: the layers then hold `L - 1` logical
+   positions, and the forward that follows (the one `generate` runs) computes the last prompt token at its original
+   position against them.
 
 Sliding-window layers store the first `L - 1` prompt tokens as `DynamicCache` would have.
 
-Two entry points share this: [`fill_cache`], the public step (`PromptCompressionCache.prepare_prefill`, the shape of
-the upstream `Cache.prepare_prefill` hook, which a transformers with that hook calls itself), and [`prepare_forward`],
-the body of a bound model's forward pre-hook (where `generate` has no such hook), which fills a fresh cache from the
-first forward's prompt and lets that forward run on the last prompt token only.
+With a retained context (see `hf_specapprox.kv.context`), the backbone runs only over the positions the context does
+not hold (at least the voting rows); the context's full keys and values of the earlier positions take the place of
+computing them again, which gives the same keys, values and scores.
+
+[`compressing_prefill`] takes everything it needs as arguments and returns the filled layers: it never reads or writes
+a cache object. Every refusal that can be decided before this work is in `hf_specapprox.checks`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import torch
-from transformers.utils import logging
+from transformers.cache_utils import Cache
 
 from .. import compat
 from ..kernels import sparse_attention
-from ..modeling.capture import (SCORING_KWARG, AttentionObserver, has_scoring_attention, layer_index, original_attention_names,
-                      scoring_attention)
+from ..modeling.capture import AttentionObserver, layer_index, observing
 from .layers import CompressedKVLayer, build_layers
-from .scorers import ScorerInputs
-
-if TYPE_CHECKING:
-    from .cache import PromptCompressionCache
-
-logger = logging.get_logger(__name__)
+from .policies import SelectionPolicy
+from .scorers import KVScorer, ScorerInputs
 
 
-class PrefillState(AttentionObserver):
-    """Per-forward state of one compressing prefill; reaches the attention functions through a forward kwarg.
+def uses_sparse_prefill(config, num_tokens: int) -> bool:
+    """Whether a prefill forward over `num_tokens` (prompt + appended tokens) runs the sparse attention."""
+    mode = getattr(config, "sparse_prefill", "off")
+    return mode == "on" or (mode == "auto" and num_tokens > config.sparse_prefill_threshold)
 
-    It holds the composition of the cache for this forward: the scorer and the selection policy (built from the
-    config once per prefill) and each compressed layer's number of candidates to keep.
+
+@dataclass
+class PrefillResult:
+    """What [`compressing_prefill`] made of a prompt.
+
+    Args:
+        layers (`list`): the cache layers, filled with the first `L - 1` positions (compressed where `L > C`); empty
+            layers when the prompt fits the budget (an ordinary prefill of the whole prompt follows).
+        compressed (`bool`): whether prompt positions were dropped.
+        lookahead_ids (`torch.LongTensor` of shape `(batch, n)`, *optional*): the appended tokens.
+        lookahead_valid (`torch.BoolTensor` of shape `(batch, n)`, *optional*): False after a row's end of sequence.
+        prompt_keys (`list`, *optional*): per layer, the full `(keys, values)` of the prompt positions
+            `[start, L - 1)` this forward computed, when asked for (`keep_prompt_from=start`): what a retained context
+            grows by.
     """
 
-    def __init__(self, cache: PromptCompressionCache, prompt_length: int, token_valid: torch.Tensor):
-        self.cache = cache
+    layers: list
+    compressed: bool
+    lookahead_ids: torch.Tensor | None = None
+    lookahead_valid: torch.Tensor | None = None
+    prompt_keys: list | None = None
+
+
+class _PrefillObserver(AttentionObserver):
+    """One compressing prefill, seen from the attention layers: scores each full-attention layer from its voting rows,
+    keeps its selection (dense), or scores it first and computes its attention under the vertical-slash mask (sparse).
+
+    `query_start` is the sequence position of the forward's first row (0, or the retained context's positions).
+    """
+
+    def __init__(self, layers, scorer: KVScorer, policy: SelectionPolicy, config, prompt_length: int,
+                 token_valid: torch.Tensor, query_start: int, sparse: bool):
+        self.layers = layers
+        self.scorer = scorer
+        self.policy = policy
+        self.config = config
         self.prompt_length = prompt_length
-        self.token_valid = token_valid  # (batch, prompt + lookahead)
-        self.scorer = cache.build_scorer()
-        self.policy = cache.selection_policy()
-        self.window_start = self.policy.window_start(prompt_length)
-        compressed = [index for index, layer in enumerate(cache.layers) if isinstance(layer, CompressedKVLayer)]
-        counts = self.policy.candidate_counts(prompt_length, len(compressed))
-        self.num_selected = dict(zip(compressed, counts))
-        self.sparse = uses_sparse_prefill(cache.config, token_valid.shape[1])
+        self.token_valid = token_valid  # (batch, prompt + appended)
+        self.query_start = query_start
+        self.sparse = sparse
+        self.window_start = policy.window_start(prompt_length)
+        compressed = [index for index, layer in enumerate(layers) if isinstance(layer, CompressedKVLayer)]
+        self.num_selected = dict(zip(compressed, policy.candidate_counts(prompt_length, len(compressed))))
         self.pending: set[int] = set()
         self.done: set[int] = set()
 
-    def update(self, layer_idx: int, key_states, value_states, args, kwargs):
-        layer = self.cache.layers[layer_idx]
-        if isinstance(layer, CompressedKVLayer):
-            # The full K/V go to this forward's attention only; the layer stores its selection in `score_layer`.
-            self.pending.add(layer_idx)
-        else:
-            stop = self.prompt_length - 1
-            layer.update(key_states[..., :stop, :], value_states[..., :stop, :], *args, **kwargs)
-        return key_states, value_states
-
     def _layer(self, module):
         layer_idx = layer_index(module)
-        layer = self.cache.layers[layer_idx]
+        layer = self.layers[layer_idx]
         return layer_idx, (layer if isinstance(layer, CompressedKVLayer) else None)
 
     def score_layer(self, module, query, key, value, scaling) -> None:
@@ -95,7 +112,7 @@ class PrefillState(AttentionObserver):
             )
         scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
         scores, candidate_valid = self._scores(module, layer_idx, query, key, value, scaling)
-        config = self.cache.config
+        config = self.config
         columns = sparse_attention.vertical_columns(
             scores.float().masked_fill(~candidate_valid[:, None, :], float("-inf")), config.prefill_vertical_size
         )
@@ -113,8 +130,9 @@ class PrefillState(AttentionObserver):
         valid = self.token_valid.to(key.device)
         start = self.window_start
         scores = self.scorer(ScorerInputs(
-            layer_idx=layer_idx, queries=query[:, :, start:, :], keys=key, values=value, scaling=scaling,
-            query_offset=start, key_valid=valid, query_valid=valid[:, start:], num_candidates=start, module=module,
+            layer_idx=layer_idx, queries=query[:, :, start - self.query_start:, :], keys=key, values=value,
+            scaling=scaling, query_offset=start, key_valid=valid, query_valid=valid[:, start:],
+            num_candidates=start, module=module,
         ))
         return scores, valid[:, :start]
 
@@ -133,224 +151,103 @@ class PrefillState(AttentionObserver):
             )
 
 
-def uses_sparse_prefill(config, num_tokens: int) -> bool:
-    """Whether a prefill forward over `num_tokens` (prompt + lookahead) runs the sparse attention."""
-    mode = getattr(config, "sparse_prefill", "off")
-    return mode == "on" or (mode == "auto" and num_tokens > config.sparse_prefill_threshold)
+class _ScoringForwardCache(Cache):
+    """The cache the scoring forward runs with: it hands every layer the full keys and values of the sequence (the
+    retained prefix, if any, then this forward's) and stores nothing itself. Sliding-window layers get the first
+    `L - 1` positions, as `DynamicCache` would store them; compressed layers store what the observer keeps."""
 
+    def __init__(self, layers, observer: _PrefillObserver, prefix=None, keep_prompt_from: int | None = None):
+        super().__init__(layers=[])
+        self.layers = layers  # what the model reads its layer kinds from (sliding or not)
+        self.observer = observer
+        self.prefix = prefix  # callable layer_idx -> (keys, values) of positions [0, query_start), or None
+        self.prefix_length = observer.query_start
+        self.keep_prompt_from = keep_prompt_from
+        self.prompt_keys: dict[int, tuple] = {}
 
-def check_sparse_prefill_model(model) -> None:
-    """Refuses models whose attention the vertical-slash kernel cannot reproduce (before any work)."""
-    softcap = getattr(compat.text_config(model.config), "attn_logit_softcapping", None)
-    if softcap:
-        raise ValueError(
-            f"This model caps its attention logits (`attn_logit_softcapping={softcap}`), which the sparse prefill's "
-            "kernel does not do. Use a dense prefill: `sparse_prefill='off'`."
-        )
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.prefix is not None and self.prefix_length:
+            prefix_keys, prefix_values = self.prefix(layer_idx, key_states.device)
+            key_states = torch.cat([prefix_keys.to(key_states.dtype), key_states], dim=-2)
+            value_states = torch.cat([prefix_values.to(value_states.dtype), value_states], dim=-2)
+        stop = self.observer.prompt_length - 1
+        if self.keep_prompt_from is not None:
+            start = self.keep_prompt_from
+            self.prompt_keys[layer_idx] = (key_states[..., start:stop, :].clone(), value_states[..., start:stop, :].clone())
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompressedKVLayer):
+            self.observer.pending.add(layer_idx)  # stored by the observer, once scored
+        else:
+            layer.update(key_states[..., :stop, :], value_states[..., :stop, :], *args, **kwargs)
+        return key_states, value_states
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.prefix_length
 
-#: Attention implementations whose masks are plain 4-D tensors (or none), which layer-wise budgets can cut per layer.
-LAYER_BUDGET_ATTENTIONS = (None, "eager", "sdpa")
+    def get_mask_sizes(self, query_length_or_cache_position, layer_idx: int = 0) -> tuple[int, int]:
+        return self.prefix_length + compat.query_length_from_mask_arg(query_length_or_cache_position), 0
 
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
 
-def check_layer_budgets_model(cache: PromptCompressionCache, model) -> None:
-    """Refuses, before any work, a model on which layers holding different numbers of rows would not decode exactly.
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
 
-    transformers builds one mask for all full-attention layers; only the scoring attention wrapper of a bound model
-    fits it to each layer's rows (see `capture.fit_mask`), and only masks that are 4-D tensors can be cut.
-    """
-    name = type(cache).__name__
-    if not has_scoring_attention(model):
-        raise ValueError(
-            f"{name} with layer-wise budgets (`layer_budgets='{cache.config.layer_budgets}'`) needs a bound target: "
-            "its layers hold different numbers of rows, and the bound model's attention fits transformers' one mask "
-            "to each. Call `hf_specapprox.bind(model)` once, or use `layer_budgets='uniform'`."
-        )
-    unsupported = sorted(str(name) for name in original_attention_names(model) - set(LAYER_BUDGET_ATTENTIONS))
-    if unsupported:
-        raise ValueError(
-            f"{name} with layer-wise budgets supports the 'sdpa' and 'eager' attention implementations, whose masks it "
-            f"can fit to each layer's rows; this model uses {unsupported}. Load it with `attn_implementation='sdpa'`, "
-            "or use `layer_budgets='uniform'`."
-        )
-    if cache.static_decode_tokens is not None:
-        raise ValueError(
-            f"{name}: static decoding (`use_static_decode`) needs the same rows in every layer, which layer-wise "
-            "budgets do not give. Use the dynamic path (`cache.use_static_decode(None)`) or `layer_budgets='uniform'`."
-        )
-
-
-def check_prompt(cache: PromptCompressionCache, input_ids, attention_mask) -> torch.Tensor:
-    """Validates a prompt batch for a compressing prefill and returns its 2-D padding mask (all ones if `None`)."""
-    name = type(cache).__name__
-    if input_ids is None:
-        raise ValueError(
-            f"{name} needs the prompt's `input_ids` (the draft reads them, and the cache compares them with what it "
-            "holds); it cannot take a prompt given only as `inputs_embeds`. Pass `input_ids` to `generate`."
-        )
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"{name} needs a non-empty `(batch, length)` prompt, got shape {tuple(input_ids.shape)}.")
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    if attention_mask.dim() != 2:
-        raise ValueError(f"{name} needs a 2-D padding mask, got a {attention_mask.dim()}-D mask.")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"{name} got {input_ids.shape[1]} prompt tokens but a mask of {attention_mask.shape[1]}: it must receive "
-            "the whole prompt with its mask at once."
-        )
-    real = attention_mask.bool().sum(-1)
-    if not bool(real.all()):
-        rows = torch.nonzero(real == 0).flatten().tolist()
-        raise ValueError(f"Prompt rows {rows} are all padding; give every row at least one token.")
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError(
-            "The prompt batch is right-padded. Compressing caches need left padding: set "
-            "`tokenizer.padding_side = 'left'` before tokenizing."
-        )
-    return attention_mask
-
-
-def fill_cache(cache: PromptCompressionCache, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-    """Fills a reset `cache` with the first `L - 1` positions of the prompt (compressed when `L > C`).
-
-    Returns whether the prompt was compressed. When it fits the budget, the cache stays empty (with its layers
-    built): the following forward is then an ordinary prefill of the whole prompt.
-    """
-    cache.config.validate()  # a config edited after construction is checked here, before any work
-    source = cache.query_source
-    source.validate_model(model)
-    if uses_sparse_prefill(cache.config, input_ids.shape[1] + source.max_tokens(cache.config)):
-        check_sparse_prefill_model(model)
-    if not cache.selection_policy().is_uniform:
-        check_layer_budgets_model(cache, model)
-    source.validate_prompt(input_ids, attention_mask)
-    cache.layers = build_layers(model.config)
-    prompt_length = input_ids.shape[1]
-    cache.prompt_length = prompt_length
-    cache.prompt_mask = attention_mask.bool()
-    if prompt_length <= cache.config.max_capacity_prompt:
-        logger.warning_once(
-            f"{type(cache).__name__}: the prompt ({prompt_length} tokens) fits the budget "
-            f"(max_capacity_prompt={cache.config.max_capacity_prompt}), so nothing is compressed: this is an "
-            "ordinary prefill. Lower `max_capacity_prompt` to compress prompts of this length."
-        )
+    @property
+    def is_compileable(self) -> bool:
         return False
-    try:
-        lookahead_ids, lookahead_valid = source.tokens(model, input_ids, attention_mask, cache.config)
-        lookahead_ids = lookahead_ids.to(input_ids.device)
-        lookahead_valid = lookahead_valid.to(attention_mask.device)
-        cache.lookahead_ids, cache.lookahead_valid = lookahead_ids, lookahead_valid
-        token_valid = torch.cat([attention_mask.bool(), lookahead_valid.bool()], dim=1)
-        position_ids = (token_valid.long().cumsum(-1) - 1).clamp(min=0)
-        state = PrefillState(cache, prompt_length, token_valid)
-        backbone = model.base_model
-        cache._prefill_state = state
-        with scoring_attention(model):
-            backbone(
-                input_ids=torch.cat([input_ids, lookahead_ids], dim=1),
-                attention_mask=token_valid.to(attention_mask.dtype),
-                position_ids=position_ids,
-                use_cache=True,
-                **{compat.cache_kwarg_name(backbone): cache, SCORING_KWARG: state},
-            )
-        state.check_complete()
-    except BaseException:
-        cache.reset()
-        raise
-    finally:
-        cache._prefill_state = None
-    cache._record_consumed(input_ids[:, :-1], attention_mask[:, :-1])
-    return True
 
 
-def _normalise_inputs(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    kwargs = dict(kwargs)
-    if args:
-        if "input_ids" in kwargs:
-            raise TypeError("`input_ids` given both positionally and as a keyword.")
-        kwargs["input_ids"], args = args[0], tuple(args[1:])
-    return args, kwargs
+@torch.no_grad()
+def compressing_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, config, scorer: KVScorer,
+                        policy: SelectionPolicy, query_source, context=None, keep_prompt_from: int | None = None
+                        ) -> PrefillResult:
+    """Fills fresh cache layers with the first `L - 1` positions of a prompt, compressed when `L > C`.
 
+    Args:
+        model (`PreTrainedModel`): the target.
+        input_ids (`torch.LongTensor` of shape `(batch, L)`), attention_mask (`torch.Tensor` of shape `(batch, L)`):
+            the prompt, left-padded, already checked (`hf_specapprox.checks`).
+        config: the method's configuration (budget, sparse prefill knobs).
+        scorer ([`KVScorer`]), policy ([`SelectionPolicy`]): how each layer's candidates are scored and kept.
+        query_source ([`QuerySource`]): the tokens appended after the prompt.
+        context ([`~hf_specapprox.kv.context.ContextPrefix`], *optional*): the retained context's keys and values of
+            the first `context.length` positions of every row; the backbone then runs from there on.
+        keep_prompt_from (`int`, *optional*): also return the full keys and values of the prompt positions from this
+            one to `L - 1` (a retained context grows by them).
 
-def refuse_unservable_generation(cache, model_kwargs: dict, generation_config) -> None:
-    """Raises, before any work, for generation settings a compressing cache cannot serve exactly."""
-    name = type(cache).__name__
-    configs = [model_kwargs, generation_config]
-    if any(_setting(source, "use_cache") is False for source in configs):
-        raise ValueError(
-            f"`use_cache=False` with a {name}: without a cache every step would re-run the compressing prefill, which "
-            "is neither SpecKV nor plain decoding. Leave `use_cache` on (the default)."
-        )
-    chunk = next((value for value in (_setting(source, "prefill_chunk_size") for source in configs) if value), None)
-    if chunk:
-        raise ValueError(
-            f"`prefill_chunk_size={chunk}` with a {name}: compressing a prompt chunk by chunk is not the paper's "
-            "method (each chunk would be scored without the rest of the prompt). Leave `prefill_chunk_size` unset; "
-            "the compressing prefill keeps at most one layer's full keys and values at a time."
-        )
-
-
-def refuse_prompt_outputs(cache, model_kwargs: dict, generation_config) -> None:
-    """Raises, before any work, when the prompt's attentions or hidden states are asked for (a new prompt only)."""
-    for flag in ("output_attentions", "output_hidden_states"):
-        if any(_setting(source, flag) for source in (model_kwargs, generation_config)):
-            raise ValueError(
-                f"`{flag}=True` with a {type(cache).__name__}: the compressing prefill does not return the prompt's "
-                f"{flag[7:].replace('_', ' ')} (its forward computes only the last prompt token against the compressed "
-                "cache). Run the prompt through the model with a `DynamicCache` to inspect them."
-            )
-
-
-def _setting(source, name: str):
-    if source is None:
-        return None
-    if isinstance(source, dict):
-        return source.get(name)
-    return getattr(source, name, None)
-
-
-def prepare_forward(cache: PromptCompressionCache, model, args: tuple, kwargs: dict[str, Any]):
-    """Forward pre-hook body: returns the `(args, kwargs)` the forward must run with, or `None` to leave them.
-
-    A cache that holds tokens is continued, as transformers continues any cache it is given (a bound model's
-    `generate` resets the cache first when its ids do not continue what the cache consumed). A fresh cache takes the
-    forward's ids as the whole prompt.
+    Returns:
+        [`PrefillResult`].
     """
-    if cache._prefill_state is not None:  # the scoring forward itself passes through a bound backbone
-        return None
-    args, kwargs = _normalise_inputs(args, kwargs)
-    refuse_unservable_generation(cache, kwargs, None)
-    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-    if cache.layers and cache.get_seq_length() > 0:
-        cache._check_continuation(input_ids, attention_mask)
-        cache._record_consumed(input_ids, attention_mask)
-        return args, kwargs
-    refuse_prompt_outputs(cache, kwargs, None)
-    cache.reset()
-    # Assisted decoding's first forward is `prompt + candidates` and asks for the logits of the candidates too: only
-    # the prompt is compressed; the candidates are evaluated against it and appended (so a rejection can crop them).
-    attention_mask = check_prompt(cache, input_ids, attention_mask)
-    input_length = input_ids.shape[1]
-    prompt_length = input_length - _appended_tokens(kwargs, input_length)
-    compressed = fill_cache(cache, model, input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
-    if not compressed:
-        cache._record_consumed(input_ids, attention_mask)
-        return args, kwargs
-    # The forward generate asked for now computes only the last prompt token (and any appended candidates), at their
-    # original positions.
-    cache._record_consumed(input_ids[:, prompt_length - 1 :], attention_mask[:, prompt_length - 1 :])
-    kwargs["input_ids"] = input_ids[:, prompt_length - 1 :]
-    kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prompt_length - 1 :]
-    if kwargs.get("cache_position") is not None:
-        kwargs["cache_position"] = kwargs["cache_position"][prompt_length - 1 :]
-    return args, kwargs
-
-
-def _appended_tokens(kwargs: dict[str, Any], input_length: int) -> int:
-    """How many trailing tokens of a first forward are not prompt: `logits_to_keep = k > 1` (as assisted decoding
-    asks for its candidates) means the last `k - 1` tokens are evaluated against the compressed prompt."""
-    logits_to_keep = kwargs.get("logits_to_keep")
-    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool) and logits_to_keep > 1:
-        return min(logits_to_keep - 1, input_length - 1)
-    return 0
+    layers = build_layers(model.config)
+    prompt_length = input_ids.shape[1]
+    if prompt_length <= config.max_capacity_prompt:
+        return PrefillResult(layers, compressed=False)
+    if context is not None:
+        lookahead_ids, lookahead_valid = query_source.tokens_after_context(model, input_ids, attention_mask, config,
+                                                                           context)
+    else:
+        lookahead_ids, lookahead_valid = query_source.tokens(model, input_ids, attention_mask, config)
+    lookahead_ids = lookahead_ids.to(input_ids.device)
+    lookahead_valid = lookahead_valid.to(attention_mask.device)
+    token_valid = torch.cat([attention_mask.bool(), lookahead_valid.bool()], dim=1)
+    position_ids = (token_valid.long().cumsum(-1) - 1).clamp(min=0)
+    start = 0 if context is None else context.length
+    sparse = context is None and uses_sparse_prefill(config, token_valid.shape[1])
+    observer = _PrefillObserver(layers, scorer, policy, config, prompt_length, token_valid, start, sparse)
+    cache = _ScoringForwardCache(layers, observer, prefix=None if context is None else context.target_layer,
+                                 keep_prompt_from=keep_prompt_from)
+    backbone = model.base_model
+    with observing(model, observer):
+        backbone(
+            input_ids=torch.cat([input_ids, lookahead_ids], dim=1)[:, start:],
+            attention_mask=token_valid.to(attention_mask.dtype),
+            position_ids=position_ids[:, start:],
+            use_cache=True,
+            **{compat.cache_kwarg_name(backbone): cache},
+        )
+    observer.check_complete()
+    prompt_keys = None
+    if keep_prompt_from is not None:
+        prompt_keys = [cache.prompt_keys[index] for index in range(len(layers))]
+    return PrefillResult(layers, True, lookahead_ids, lookahead_valid, prompt_keys)

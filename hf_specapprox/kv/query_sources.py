@@ -7,6 +7,8 @@ stored. SnapKV and StreamingLLM append nothing ([`QuerySource`]); SpecKV appends
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..modeling.adapters import unwrap_adapters
@@ -43,9 +45,16 @@ class QuerySource:
     def validate_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Raises if this source cannot serve this prompt (before any work)."""
 
-    def shared_models(self) -> list:
-        """Models the source refers to, which `copy.deepcopy` of a cache shares instead of copying."""
-        return []
+    def tokens_after_context(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, context):
+        """[`tokens`] for a prompt whose first `context.length` positions a retained context holds
+        (`hf_specapprox.kv.context.ContextPrefix`): a source that runs a model may continue from the context's keys
+        and values. The default ignores them (same tokens, no saving)."""
+        return self.tokens(model, input_ids, attention_mask, config)
+
+    def __deepcopy__(self, memo):
+        # A source is behaviour: a copy of a cache shares its models (the draft) and precomputed tensors, and gets
+        # its own attribute record.
+        return copy.copy(self)
 
 
 class DraftPreview(QuerySource):
@@ -76,9 +85,6 @@ class DraftPreview(QuerySource):
         if lookahead_ids is not None:
             valid = torch.ones_like(lookahead_ids, dtype=torch.bool) if lookahead_valid is None else lookahead_valid
             self.fixed = (lookahead_ids, valid.bool())
-
-    def shared_models(self) -> list:
-        return [] if self.draft is None else [self.draft]
 
     def validate_model(self, model) -> None:
         if self.draft is not None:
@@ -116,6 +122,19 @@ class DraftPreview(QuerySource):
     def max_tokens(self, config) -> int:
         fixed = 0 if self.fixed is None else self.fixed[0].shape[1]
         return max(fixed, config.lookahead_tokens if self.draft is not None else 0)
+
+    def tokens_after_context(self, model, input_ids, attention_mask, config, context):
+        """The draft continues from the retained context's draft keys and values (when the context was prefilled with
+        this draft) over the prompt's new positions, then previews the answer: the same tokens as [`tokens`]."""
+        uses_fixed = self.fixed is not None and self._uses_fixed(input_ids, attention_mask)
+        if uses_fixed or not context.context.drafted_by(self.draft):
+            return self.tokens(model, input_ids, attention_mask, config)
+        return computed_on_first_rank(
+            model, lambda: generate_lookahead(self.draft, input_ids, attention_mask, config.lookahead_tokens,
+                                              decoding=config.lookahead_decoding,
+                                              past_key_values=context.draft_cache(self.draft.device)),
+            input_ids.device,
+        )
 
     def tokens(self, model, input_ids, attention_mask, config):
         if self.fixed is None or not self._uses_fixed(input_ids, attention_mask):

@@ -83,6 +83,15 @@ class StaticCompressedLayer(CacheLayerMixin):
         static.kept_positions = layer.kept_positions
         return static
 
+    def to_dynamic(self) -> CompressedKVLayer:
+        """A dynamic compressed layer holding the same rows (it grows past `capacity`)."""
+        layer = CompressedKVLayer()
+        if self.is_initialized:
+            rows = self.num_rows
+            layer.load(self.keys[..., :rows, :].clone(), self.values[..., :rows, :].clone(), self.seen_tokens,
+                       self.kept_positions, self.compressed_rows)
+        return layer
+
     def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads = key_states.shape[:2]
         device = key_states.device

@@ -1,29 +1,39 @@
-"""Hands the target's own post-RoPE queries to the scorer during the compressing prefill.
+"""Hands a model's own post-RoPE queries, keys and values to an observer, layer by layer, during one forward.
 
-The scoring forward runs with the model switched to a registered attention implementation that wraps the model's
-own one (`sdpa`, `eager`, flash, ...): it computes attention exactly as before, then passes the layer's queries and
-full keys/values to the prefill state, which scores and compresses that layer before the next one runs. A bound
-model keeps the wrapper for as long as it is bound (it is inert without a prefill state); any other model is switched
-for one call and restored in a `finally` block, so an exception leaves the model as it was. Nothing
-of transformers is replaced: the wrappers are new entries in `AttentionInterface` / `AttentionMaskInterface`.
+The compressing prefill (the target's layers vote for the KV pairs they keep) and SpecPC's draft (its layers vote for
+the prompt tokens the target sees) are observers. An observer is **scoped**: [`observing`] sets it, for one model and
+for the current thread or asyncio task only (a `contextvars.ContextVar`), for the duration of a block; nothing
+travels through the model's forward arguments, so stock `generate` can run inside the block (the draft's preview is
+`draft.generate(...)`).
+
+Where the observer is reached: every attention layer of the model dispatches, through transformers'
+`AttentionInterface`, to a registered wrapper around the model's own implementation (`sdpa`, `eager`, flash, ...).
+The wrapper computes attention exactly as before and, when an observer is set for this model, shows it the layer. A
+bound target (see `bind`) keeps the wrapper for as long as it is bound; any other model is switched to it for the
+block and back afterwards, reference-counted, so that concurrent blocks on one model share the switch and the last
+one out restores it (in a `finally` block: an exception leaves the model as it was). Nothing of transformers is
+replaced: the wrappers are new entries in `AttentionInterface` / `AttentionMaskInterface`.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
-
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import compat
 
-#: Keyword argument that carries an [`AttentionObserver`] from the backbone call down to the attention functions.
-SCORING_KWARG = "hf_specapprox_prefill"
-
 _PREFIX = "hf_specapprox_scoring+"
+# The observer of the current thread / task: `(frozenset of the observed model's attention-module ids, observer)`.
+_CURRENT: ContextVar[tuple[frozenset, AttentionObserver] | None] = ContextVar("hf_specapprox_observer", default=None)
+# Makes the check-and-switch of an unbound model's attention atomic across threads (a lock, not state).
+_SWITCH_LOCK = threading.Lock()
+_USERS_ATTRIBUTE = "_hf_specapprox_scoring_users"
 
 
 def _original_attention(module, name: str | None):
@@ -33,12 +43,11 @@ def _original_attention(module, name: str | None):
 
 
 class AttentionObserver:
-    """What the scoring wrapper hands a layer's attention to when a forward carries one (as `SCORING_KWARG`).
+    """What the scoring wrapper shows a layer to while [`observing`] has set it.
 
-    The target's compressing prefill and SpecPC's draft votes are observers. The default [`attend`] computes the
-    layer's attention with the model's own implementation and then shows the observer the layer's post-RoPE queries
-    and its keys/values through [`score_layer`]; an observer may override [`attend`] to score first and compute the
-    attention itself (the sparse prefill does).
+    The default [`attend`] computes the layer's attention with the model's own implementation and then shows the
+    observer the layer's post-RoPE queries and its keys/values through [`score_layer`]; an observer may override
+    [`attend`] to score first and compute the attention itself (the sparse prefill does).
     """
 
     def attend(self, module, query, key, value, attention_mask, attention, **kwargs):
@@ -82,11 +91,19 @@ def fit_mask(attention_mask, key):
     return attention_mask
 
 
+def current_observer(module) -> AttentionObserver | None:
+    """The observer [`observing`] set for the model that owns `module` in this thread or task, or `None`."""
+    current = _CURRENT.get()
+    if current is None or id(module) not in current[0]:
+        return None
+    return current[1]
+
+
 def _make_wrapper(original_name: str | None):
     def attention_with_scoring(module, query, key, value, attention_mask, **kwargs):
-        observer = kwargs.pop(SCORING_KWARG, None)
         attention = _original_attention(module, original_name)
         attention_mask = fit_mask(attention_mask, key)
+        observer = current_observer(module)
         if observer is None:
             return attention(module, query, key, value, attention_mask, **kwargs)
         return observer.attend(module, query, key, value, attention_mask, attention, **kwargs)
@@ -123,7 +140,8 @@ def _model_configs(model) -> list:
     return configs
 
 
-def _is_scoring_name(name: str | None) -> bool:
+def is_scoring_name(name: str | None) -> bool:
+    """Whether `name` is one of hf_specapprox's scoring wrappers."""
     return name is not None and name.startswith(_PREFIX)
 
 
@@ -131,21 +149,22 @@ def install_scoring_attention(model) -> list:
     """Switches every attention layer of `model` to the scoring wrapper of its own implementation, until the returned
     record is passed to [`restore_attention`].
 
-    The wrapper computes attention exactly as the original and does nothing else unless a forward carries a prefill
-    state (`SCORING_KWARG`), so a model can keep it for as long as it is bound: concurrent `generate` calls then share
-    no switch that one of them could undo under the other's feet.
+    The wrapper computes attention exactly as the original and does nothing else unless [`observing`] set an observer
+    for this model, so a model can keep it for as long as it is bound.
     """
     saved = [(config, compat.get_attn_implementation(config)) for config in _model_configs(model)]
     for config, original in saved:
-        if not _is_scoring_name(original):
+        if not is_scoring_name(original):
             compat.set_attn_implementation_exact(config, scoring_attention_name(original))
     return saved
 
 
 def restore_attention(saved: list) -> None:
-    """Undoes [`install_scoring_attention`]."""
+    """Undoes [`install_scoring_attention`] where the wrapper is still installed: a config the user has switched to
+    another implementation since keeps the user's choice."""
     for config, original in saved:
-        compat.set_attn_implementation_exact(config, original)
+        if is_scoring_name(compat.get_attn_implementation(config)):
+            compat.set_attn_implementation_exact(config, original)
 
 
 def original_attention_names(model) -> set:
@@ -153,34 +172,61 @@ def original_attention_names(model) -> set:
     names = set()
     for config in _model_configs(model):
         name = compat.get_attn_implementation(config)
-        names.add(name[len(_PREFIX):] if _is_scoring_name(name) else name)
+        names.add(name[len(_PREFIX):] if is_scoring_name(name) else name)
     return names
 
 
 def has_scoring_attention(model) -> bool:
-    """Whether every attention layer of `model` already reports to a prefill state (a bound target)."""
-    return all(_is_scoring_name(compat.get_attn_implementation(config)) for config in _model_configs(model))
+    """Whether every attention layer of `model` dispatches to the scoring wrapper (a bound target)."""
+    return all(is_scoring_name(compat.get_attn_implementation(config)) for config in _model_configs(model))
 
 
 @contextmanager
 def scoring_attention(model):
-    """Within the block, every attention layer of `model` also reports its queries to the prefill state.
+    """Within the block, every attention layer of `model` dispatches to the scoring wrapper.
 
-    A bound model has the wrapper already (see [`install_scoring_attention`]) and is left untouched, so calls on
-    several threads do not interfere. Any other model is switched for the block only and restored in a `finally`
-    block; two such blocks on one model at once raise instead of undoing each other.
+    A bound model has it already and is left untouched. Any other model is switched on entry to the first of
+    concurrent blocks and restored on exit from the last one (in a `finally` block), so concurrent blocks on one
+    model, from several threads, share the switch instead of undoing it under each other's feet.
     """
-    if has_scoring_attention(model):
-        yield
-        return
-    saved = [(config, compat.get_attn_implementation(config)) for config in _model_configs(model)]
-    if any(_is_scoring_name(original) for _, original in saved):
-        raise RuntimeError(
-            "hf_specapprox's scoring attention is already switched on for part of this model by another call that is "
-            "still running. Bind the model once (`hf_specapprox.bind(model)`) to run several calls at the same time."
-        )
+    with _SWITCH_LOCK:
+        users = getattr(model, _USERS_ATTRIBUTE, None)
+        if users is None and has_scoring_attention(model):
+            users = None  # bound: nothing to switch or count
+            switched = False
+        else:
+            switched = True
+            if users is None:
+                users = [0, install_scoring_attention(model)]
+                setattr(model, _USERS_ATTRIBUTE, users)
+            users[0] += 1
     try:
-        install_scoring_attention(model)
         yield
     finally:
-        restore_attention(saved)
+        if switched:
+            with _SWITCH_LOCK:
+                users[0] -= 1
+                if users[0] == 0:
+                    restore_attention(users[1])
+                    delattr(model, _USERS_ATTRIBUTE)
+
+
+@contextmanager
+def observing(model, observer: AttentionObserver):
+    """Within the block, the attention layers of `model` show themselves to `observer`, in this thread or asyncio
+    task only (other threads running the same model are not observed).
+
+    Example:
+
+    ```python
+    >>> with observing(draft, votes):
+    ...     draft.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+    ```
+    """
+    modules = frozenset(id(module) for module in model.modules())
+    with scoring_attention(model):
+        token = _CURRENT.set((modules, observer))
+        try:
+            yield observer
+        finally:
+            _CURRENT.reset(token)

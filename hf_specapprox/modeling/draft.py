@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
-from transformers import DynamicCache
-from transformers.generation import LogitsProcessorList
 
 from .. import compat
 from ..config import LOOKAHEAD_DECODING_MODES
@@ -142,17 +139,61 @@ def check_lookahead_ids(target, lookahead_ids: torch.Tensor) -> None:
         )
 
 
-def _eos_ids(draft) -> list[int]:
-    eos = getattr(draft.generation_config, "eos_token_id", None)
+def _eos_ids(generation_config) -> list[int]:
+    eos = getattr(generation_config, "eos_token_id", None)
     if eos is None:
         return []
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-# How the draft decodes its lookahead (`LOOKAHEAD_DECODING_MODES`): `"generation_config"` is what
-# `draft.generate(do_sample=False)` writes, with every logits processor the draft checkpoint's generation config enables
-# (e.g. Qwen2.5's `repetition_penalty`), as the paper's code does (`eval.py`, `speckv/speckv.py`:
-# `draft.generate(do_sample=False, ...)`); `"argmax"` is bare greedy decoding with no logits processor.
+#: Settings of a generation config that switch on a logits processor, with the value that switches it off. The
+#: `"argmax"` preview sets them all (the bare argmax of the logits); a setting whose "off" is `None` cannot be set
+#: off through a config that `generate` completes from the model's own, so it is listed with a neutral value.
+_NEUTRAL_PROCESSOR_SETTINGS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "suppress_tokens": [],
+    "begin_suppress_tokens": [],
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+}
+#: Settings of the draft's config that a greedy preview never uses (sampling, beams, outputs, caches).
+_PREVIEW_SETTINGS = dict(
+    do_sample=False, num_beams=1, num_return_sequences=1, temperature=None, top_k=None, top_p=None, min_p=None,
+    typical_p=None, epsilon_cutoff=None, eta_cutoff=None, output_scores=False, output_logits=False,
+    output_attentions=False, output_hidden_states=False, return_dict_in_generate=False, use_cache=True,
+    cache_implementation=None, stop_strings=None, prefill_chunk_size=None, assistant_early_exit=None,
+    prompt_lookup_num_tokens=None,
+)
+
+
+def preview_generation_config(draft, num_tokens: int, decoding: str = "generation_config"):
+    """The `GenerationConfig` the draft's preview runs with: the draft checkpoint's own, greedy, for `num_tokens`
+    new tokens (`decoding="generation_config"`, the paper's `draft.generate(do_sample=False)`), or a greedy one with
+    every logits processor off (`decoding="argmax"`: the bare argmax of the logits)."""
+    if decoding not in LOOKAHEAD_DECODING_MODES:
+        raise ValueError(f"`lookahead_decoding` must be one of {LOOKAHEAD_DECODING_MODES}, got {decoding!r}.")
+    config = copy.deepcopy(draft.generation_config)
+    for name, value in _PREVIEW_SETTINGS.items():
+        if hasattr(config, name) or value is not None:
+            setattr(config, name, value)
+    config.max_new_tokens = num_tokens
+    config.max_length = None
+    if decoding == "argmax":
+        for name, value in _NEUTRAL_PROCESSOR_SETTINGS.items():
+            setattr(config, name, value)
+        for name in ("bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id",
+                     "exponential_decay_length_penalty", "watermarking_config"):
+            if getattr(config, name, None) is not None:
+                setattr(config, name, None)
+    eos = _eos_ids(config)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = eos[0] if eos else 0
+    return config
 
 
 @torch.no_grad()
@@ -163,22 +204,20 @@ def generate_lookahead(
     num_tokens: int,
     *,
     deduplicate: bool = True,
-    model_kwargs: dict | None = None,
     decoding: str = "generation_config",
+    past_key_values=None,
 ):
-    """The draft's greedy continuation of each prompt row, cut after its first EOS.
+    """The draft's greedy continuation of each prompt row, cut after its first EOS: stock
+    `draft.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=num_tokens)`.
 
-    With `decoding="generation_config"` (the default) the tokens are those of
-    `draft.generate(input_ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=num_tokens)`: greedy
-    decoding after every logits processor the draft's `generation_config` enables (repetition penalty, n-gram
-    blocking, suppressed tokens, ...), as the paper's code does. Sampling settings of that config (temperature,
-    top-k, top-p) do not apply, as with `do_sample=False`. `decoding="argmax"` takes the bare argmax of the logits.
-
-    The loop is written out (not `draft.generate`) because SpecPC passes `model_kwargs` to every draft forward, which
-    `generate` refuses; the processors are the ones `generate` builds ([`draft_logits_processors`]).
+    With `decoding="generation_config"` (the default) every logits processor the draft checkpoint's generation config
+    enables applies (repetition penalty, n-gram blocking, suppressed tokens, ...), as in the paper's code; sampling
+    settings (temperature, top-k, top-p) do not, as with `do_sample=False`. `decoding="argmax"` switches every
+    processor off (see [`preview_generation_config`]). An attention observer set with
+    `hf_specapprox.modeling.capture.observing(draft, ...)` around the call sees every forward (SpecPC's votes).
 
     Identical rows (beam search and `num_return_sequences` expand the batch before the prefill) are decoded once
-    unless `deduplicate=False`. `model_kwargs` are passed on to every draft forward.
+    unless `deduplicate=False` (or a `past_key_values` is given).
 
     Args:
         draft (`PreTrainedModel`): the draft model.
@@ -186,6 +225,8 @@ def generate_lookahead(
         attention_mask (`torch.LongTensor` of shape `(batch, prompt_length)`): their padding mask.
         num_tokens (`int`): maximum number of draft tokens.
         decoding (`str`, *optional*, defaults to `"generation_config"`): one of [`LOOKAHEAD_DECODING_MODES`].
+        past_key_values (`Cache`, *optional*): the draft's cache of the first positions of the prompts (a retained
+            context): `generate` then runs the draft on the positions it does not hold, as for any cache it is given.
 
     Returns:
         `(lookahead_ids, lookahead_valid)`, both `(batch, n)` with `n <= num_tokens`; `lookahead_valid` is False for
@@ -195,120 +236,24 @@ def generate_lookahead(
         `ValueError`: before the draft runs, if the prompt holds ids the draft cannot embed ([`check_prompt_ids`]),
             or `decoding` is not a known mode.
     """
-    if decoding not in LOOKAHEAD_DECODING_MODES:
-        raise ValueError(f"`lookahead_decoding` must be one of {LOOKAHEAD_DECODING_MODES}, got {decoding!r}.")
+    config = preview_generation_config(draft, num_tokens, decoding)
     check_prompt_ids(draft, input_ids, attention_mask)
     batch = input_ids.shape[0]
     if num_tokens == 0:
         empty = input_ids.new_zeros((batch, 0))
         return empty, empty.bool()
     rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
-    if deduplicate:
+    if deduplicate and past_key_values is None:
         unique_rows, inverse = torch.unique(rows, dim=0, return_inverse=True)
     else:
         unique_rows, inverse = rows, torch.arange(rows.shape[0], device=rows.device)
-    eos_ids = _eos_ids(draft)
     prompt_length = input_ids.shape[1]
     device = draft.device
     ids = unique_rows[:, :prompt_length].to(device)
     mask = unique_rows[:, prompt_length:].to(device)
-    processors = draft_logits_processors(draft, ids, mask, num_tokens) if decoding == "generation_config" else None
-    tokens = _greedy_tokens(draft, ids, mask, num_tokens, eos_ids, model_kwargs or {}, processors)
-    return _cut_after_eos(tokens.to(input_ids.device), eos_ids, inverse)
-
-
-def _greedy_generation_config(draft, num_tokens: int, prompt_length: int):
-    """A copy of the draft's generation config set as `generate(do_sample=False, max_new_tokens=num_tokens)` sets it."""
-    config = copy.deepcopy(draft.generation_config)
-    config.do_sample = False
-    config.num_beams = 1
-    config.num_return_sequences = 1
-    config.max_new_tokens = num_tokens
-    config.max_length = prompt_length + num_tokens  # what `generate` derives from `max_new_tokens`
-    return config
-
-
-def draft_logits_processors(draft, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int):
-    """The logits processors `draft.generate(input_ids, attention_mask=attention_mask, do_sample=False,
-    max_new_tokens=num_tokens)` applies, as a `LogitsProcessorList` (empty when the generation config enables none).
-
-    Version seam (`compat.generation_logits_processors`): transformers has no public function for this list. Where a
-    model lacks the private one, the list is built from the public processor classes for the settings that concern a
-    greedy decoder-only draft (repetition penalty, n-gram blocking, suppressed tokens, minimum new tokens), with a
-    warning naming any other setting that is then ignored.
-    """
-    config = _greedy_generation_config(draft, num_tokens, input_ids.shape[1])
-    processors = compat.generation_logits_processors(draft, config, input_ids, attention_mask)
-    return processors if processors is not None else _public_logits_processors(config, input_ids.shape[1])
-
-
-def _public_logits_processors(config, prompt_length: int) -> LogitsProcessorList:
-    from transformers.generation import (
-        MinNewTokensLengthLogitsProcessor,
-        NoRepeatNGramLogitsProcessor,
-        RepetitionPenaltyLogitsProcessor,
-        SuppressTokensLogitsProcessor,
-    )
-
-    processors = LogitsProcessorList()
-    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-    if config.no_repeat_ngram_size:
-        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    if config.suppress_tokens:
-        processors.append(SuppressTokensLogitsProcessor(config.suppress_tokens))
-    eos = _eos_ids_of(config)
-    if config.min_new_tokens and eos:
-        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos))
-    ignored = [name for name in ("sequence_bias", "bad_words_ids", "forced_eos_token_id", "min_length",
-                                 "exponential_decay_length_penalty", "begin_suppress_tokens")
-               if getattr(config, name, None)]
-    if ignored:
-        warnings.warn(f"The draft's generation config sets {ignored}, which the lookahead ignores here.")
-    return processors
-
-
-def _eos_ids_of(config) -> list[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def _greedy_tokens(draft, input_ids, attention_mask, num_tokens, eos_ids, model_kwargs, processors=None):
-    """Greedy decoding feeding `model_kwargs` to every forward: the argmax of the logits after `processors` (as
-    `generate` applies them: float32 logits, the whole sequence so far), or of the bare logits without."""
-    cache = DynamicCache()
-    cache_name = compat.cache_kwarg_name(draft)
-    if compat.forward_takes(draft, "logits_to_keep"):
-        model_kwargs = {"logits_to_keep": 1, **model_kwargs}
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    mask = attention_mask
-    eos = torch.tensor(eos_ids, device=input_ids.device) if eos_ids else None
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    step_ids, step_positions, generated = input_ids, positions, []
-    sequence = input_ids
-    for step in range(num_tokens):
-        logits = draft(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
-            **{cache_name: cache}, **model_kwargs,
-        ).logits[:, -1, :]
-        if processors:
-            logits = processors(sequence, logits.to(dtype=torch.float32, device=sequence.device))
-        token = logits.argmax(-1)
-        generated.append(token)
-        if eos is not None:
-            finished |= torch.isin(token, eos)
-            if step + 1 < num_tokens and bool(finished.all()):
-                break
-        if step + 1 == num_tokens:
-            break
-        step_ids = token[:, None]
-        if processors:
-            sequence = torch.cat([sequence, step_ids.to(sequence.device)], dim=1)
-        step_positions = step_positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return torch.stack(generated, dim=1)
+    cache = {} if past_key_values is None else {compat.cache_kwarg_name(draft): past_key_values}
+    sequences = draft.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache)
+    return _cut_after_eos(sequences[:, prompt_length:].to(input_ids.device), _eos_ids(config), inverse)
 
 
 def _cut_after_eos(new_tokens: torch.Tensor, eos_ids: list[int], inverse: torch.Tensor):

@@ -9,7 +9,7 @@ from functools import lru_cache
 import torch
 import transformers
 
-from ..modeling.capture import SCORING_KWARG, AttentionObserver, scoring_attention
+from ..modeling.capture import AttentionObserver, observing
 from ..config import SpecPCConfig
 from ..modeling.draft import generate_lookahead
 from ..kernels.select import chunk_keep_mask, pool_scores
@@ -135,10 +135,10 @@ class SpecPrefillPreprocessor(SpecPCPreprocessor):
 
     def _token_scores(self, input_ids, attention_mask):
         votes = _SpecPrefillVotes(attention_mask, self.pool_kernel_size)
-        with scoring_attention(self.draft):
+        with observing(self.draft, votes):
             draft_tokens, draft_valid = generate_lookahead(
                 self.draft, input_ids, attention_mask, self.config.lookahead_tokens, deduplicate=False,
-                model_kwargs={SCORING_KWARG: votes}, decoding=self.config.lookahead_decoding,
+                decoding=self.config.lookahead_decoding,
             )
         if 0 not in votes.steps:
             raise ValueError(

@@ -9,7 +9,8 @@ import torch
 
 from .. import kernels
 from ..modeling.adapters import unwrap_adapters
-from ..modeling.capture import SCORING_KWARG, AttentionObserver, layer_index, scoring_attention
+from ..modeling.capture import AttentionObserver, layer_index, observing
+from ..checks import check_prompt
 from ..config import SpecPCConfig, resolve_config, resolve_specpc_kernel_size
 from ..modeling.draft import check_prompt_ids, generate_lookahead
 from ..kernels.select import specpc_keep_mask
@@ -72,7 +73,7 @@ class SpecPCOutput:
 
 
 class _DraftVotes(AttentionObserver):
-    """Collects the draft's window attention per forward; reaches the attention wrappers as the scoring kwarg."""
+    """Collects the draft's window attention per forward (an observer set around the draft's `generate`)."""
 
     def __init__(self, config: SpecPCConfig, attention_mask: torch.Tensor):
         self.config = config
@@ -187,33 +188,12 @@ class SpecPCPreprocessor:
                 f"layers ({num_layers}), or no layer votes. Lower it (the paper uses 8 for 16- to 24-layer drafts)."
             )
 
-    def _protected_ids(self) -> tuple[int, ...]:
-        ids = self.config.protected_token_ids
-        if ids is None:
-            return ()
-        if isinstance(ids, int) and not isinstance(ids, bool):
-            return (ids,)
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise TypeError(
-                f"`protected_token_ids` must be a sequence of token ids (ints), got {ids!r}; give e.g. "
-                "`tokenizer.all_special_ids` or `()` for none."
-            )
-        ids = tuple(ids)
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise TypeError(
-                f"`protected_token_ids` must hold ints (token ids), got {ids!r}; convert tokens with "
-                "`tokenizer.convert_tokens_to_ids`."
-            )
-        return ids
-
     def _protected(self, input_ids: torch.Tensor, valid: torch.Tensor, protected_mask) -> torch.Tensor:
         protected = torch.zeros_like(valid)
         if self.config.num_sink_tokens:
             rank = valid.long().cumsum(-1) - 1
             protected |= valid & (rank < self.config.num_sink_tokens)
-        protected_ids = self._protected_ids()
+        protected_ids = self.config.protected_token_ids
         if protected_ids:
             protected |= torch.isin(input_ids, torch.tensor(protected_ids, device=input_ids.device))
         if protected_mask is not None:
@@ -222,42 +202,7 @@ class SpecPCPreprocessor:
 
     def _check_inputs(self, input_ids: torch.Tensor, attention_mask, protected_mask) -> torch.Tensor:
         """Refuses, before any draft work, inputs that cannot be compressed; returns the attention mask."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"`input_ids` must be a (batch, length) tensor, got {shape}.")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
-        if input_ids.shape[0] == 0:
-            raise ValueError("The batch is empty (0 prompts): there is nothing to compress.")
-        if input_ids.shape[1] == 0:
-            raise ValueError(
-                "The prompts are empty (0 tokens): there is nothing to compress. Tokenize a non-empty prompt."
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got "
-                f"{tuple(attention_mask.shape)}."
-            )
-        mask = attention_mask.long()
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (token).")
-        empty_rows = torch.nonzero(mask.sum(-1) == 0).flatten().tolist()
-        if empty_rows:
-            raise ValueError(
-                f"Row(s) {empty_rows} of the batch are all padding (their attention mask is all zeros): there is no "
-                "prompt to compress. Remove empty prompts from the batch."
-            )
-        if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-            if not bool(mask[:, -1].all()):
-                raise ValueError(
-                    "The batch is right-padded. SpecPC needs left padding: set `tokenizer.padding_side = 'left'`."
-                )
-            raise ValueError(
-                "The attention mask has padding between tokens. SpecPC needs left padding only (zeros, then ones, in "
-                "every row): set `tokenizer.padding_side = 'left'` and pass the mask the tokenizer returned."
-            )
+        attention_mask = check_prompt(input_ids, attention_mask, type(self).__name__)
         if protected_mask is not None:
             if not isinstance(protected_mask, torch.Tensor) or protected_mask.shape != input_ids.shape:
                 shape = tuple(protected_mask.shape) if isinstance(protected_mask, torch.Tensor) else protected_mask
@@ -267,7 +212,6 @@ class SpecPCPreprocessor:
                 )
             if protected_mask.dtype != torch.bool and not bool(((protected_mask == 0) | (protected_mask == 1)).all()):
                 raise ValueError("`protected_mask` must be boolean (True: never drop this position) or hold 0/1.")
-        self._protected_ids()
         if self.draft is not None:
             check_prompt_ids(self.draft, input_ids, attention_mask)
         return attention_mask
@@ -303,10 +247,10 @@ class SpecPCPreprocessor:
     def _token_scores(self, input_ids, attention_mask):
         """The draft's vote for every prompt position, `(batch, length)`, and its greedy tokens."""
         votes = _DraftVotes(self.config, attention_mask)
-        with scoring_attention(self.draft):
+        with observing(self.draft, votes):
             draft_tokens, draft_valid = generate_lookahead(
                 self.draft, input_ids, attention_mask, self.config.lookahead_tokens, deduplicate=False,
-                model_kwargs={SCORING_KWARG: votes}, decoding=self.config.lookahead_decoding,
+                decoding=self.config.lookahead_decoding,
             )
         if votes.prefill is None:
             raise ValueError(
