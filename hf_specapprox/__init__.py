@@ -3,7 +3,8 @@
 from .kv.baselines import SnapKVCache, StreamingLLMCache
 from .kv.binding import bind, is_bound, unbind
 from .cascade import SpecKVPC
-from .kv.cache import PromptCompressionCache, UnboundCacheError
+from .kv.cache import CacheInUseError, PromptCompressionCache, UnboundCacheError
+from .kv.context import RetainedContext
 from .kv.layers import CompressedKVLayer
 from .kv.static_layers import StaticCacheOverflowError, StaticCompressedLayer
 from .config import AttentionSelectionConfig, KVSelectionConfig, SnapKVConfig, SpecKVConfig, SpecPCConfig, StreamingLLMConfig
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionScorer",
     "AttentionSelectionConfig",
+    "CacheInUseError",
     "CompressedKVLayer",
     "DraftAgreementMonitor",
     "DraftPreview",
@@ -36,6 +38,7 @@ __all__ = [
     "RandomPreprocessor",
     "RecencyPreprocessor",
     "RecencyScorer",
+    "RetainedContext",
     "ScorerInputs",
     "SelectionPolicy",
     "ServingError",

@@ -542,8 +542,12 @@ class PromptCompressionCache(Cache):
         refuse(generation_reasons(name, kwargs, None))
         input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if self.record.filled:
-            self._check_continuation(input_ids, attention_mask)
-            self.record.consume(input_ids, attention_mask)
+            # Decoding steps may carry masks `generate` built already (4-D, or one per layer type): only a 2-D padding
+            # mask says which positions are padding.
+            padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
+                else None
+            self._check_continuation(input_ids, padding_mask)
+            self.record.consume(input_ids, padding_mask)
             return args, kwargs
         refuse(prompt_output_reasons(name, kwargs, None))
         attention_mask = check_prompt(input_ids, attention_mask, name)
@@ -575,7 +579,7 @@ class PromptCompressionCache(Cache):
                 "holds tokens continues them; for a new prompt call `cache.reset()` or use a fresh cache. (A cache "
                 "filled with `prepare_prefill` for `generate(num_beams=...)` needs `expand_size=num_beams`.)"
             )
-        if attention_mask is not None and attention_mask.dim() == 2 and input_ids is not None:
+        if attention_mask is not None and input_ids is not None:
             expected = self.get_seq_length() + input_ids.shape[1]
             if attention_mask.shape[1] != expected:
                 raise ValueError(
