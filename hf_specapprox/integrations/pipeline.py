@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessorList, TextGenerationPipeline
+from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessorList, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
+
+from .. import compat
+from ..kv.cache import PromptCompressionCache
 
 from ..modeling.draft import check_draft_compatible
 from .monitor import DraftAgreementMonitor
@@ -78,21 +83,87 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
             check_draft_compatible(draft_model, self.model)
         self.draft_model = draft_model
 
-    def _sanitize_parameters(self, method=None, **kwargs):
+    def _sanitize_parameters(self, method=None, cache=None, past_key_values=None, **kwargs):
+        if kwargs.get("assistant_model") is not None:
+            raise ValueError(
+                "`assistant_model` switches on speculative decoding. Pass the draft as `draft_model=` when building "
+                "the pipeline to use it for draft-based approximate inference."
+            )
+        if cache is not None and past_key_values is not None:
+            raise ValueError("Pass the cache as `cache=` or `past_key_values=`, not both.")
         configs = {name: kwargs.pop(name) for name in CONFIG_ARGUMENTS if kwargs.get(name) is not None}
         for name in CONFIG_ARGUMENTS:
             kwargs.pop(name, None)
         preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
         if method is not None:
             forward_params["method"] = get_method(method).name
+        user_cache = cache if cache is not None else past_key_values
+        if user_cache is not None:
+            forward_params["user_cache"] = user_cache
         forward_params.update(configs)
         return preprocess_params, forward_params, postprocess_params
 
-    def _forward(self, model_inputs, method: str = "speckv", **generate_kwargs):
+    def __call__(self, text_inputs, *args, questions=None, **kwargs):
+        """Runs the method on `text_inputs` as the stock pipeline does; with `questions=`, answers every question
+        about one long context (`text_inputs`, a string) without prefilling the context again.
+
+        With `questions` (a string, or a list of strings, each appended to the context as it is), a KV method
+        retains the context once (`PromptCompressionCache.retain_context`) and every question selects its own KV from
+        it (`"full"` reuses a `DynamicCache` of the context, as transformers' prompt-reuse recipe does); a
+        prompt-compression method (`"specpc"`, `"specprefill"`, `"speckv_pc"`) answers each question over the whole
+        text. Returns one output per question (the stock pipeline's output for `context + question`), or the one
+        output for a single string.
+
+        Example:
+
+        ```python
+        >>> answers = pipe(document, questions=["\nWho wrote it?", "\nWhen?"], max_new_tokens=16)
+        ```
+        """
+        if questions is None:
+            return super().__call__(text_inputs, *args, **kwargs)
+        if not isinstance(text_inputs, str):
+            raise TypeError(
+                "With `questions=`, the first argument is the context they are asked about, as one string; got "
+                f"{type(text_inputs).__name__}."
+            )
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError("With `questions=`, the pipeline keeps the context itself: do not pass a cache.")
+        single = isinstance(questions, str)
+        questions = [questions] if single else list(questions)
+        template = self._context_cache(text_inputs, kwargs)
+        outputs = []
+        for question in questions:
+            call = dict(kwargs) if template is None else dict(kwargs, cache=copy.deepcopy(template))
+            outputs.append(super().__call__(text_inputs + question, *args, **call))
+        return outputs[0] if single else outputs
+
+    def _context_cache(self, context: str, kwargs: dict):
+        """A cache holding `context` for the call's method (a retained context, or a `DynamicCache` for `"full"`),
+        which every question deep-copies; `None` for prompt-compression methods."""
+        method = kwargs.get("method") or self._forward_params.get("method", "speckv")
+        spec = get_method(method)
+        ids = self.tokenizer(context, return_tensors="pt")["input_ids"].to(self.model.device)
+        if spec.name == "full":
+            cache = DynamicCache()
+            with torch.no_grad():
+                self.model(input_ids=ids, use_cache=True, **{compat.cache_kwarg_name(self.model): cache})
+            return cache
+        if spec.budget != "kv" or spec.name == "speckv_pc":
+            return None
+        configs = {name: kwargs.get(name) or self._forward_params.get(name) for name in spec.config_arguments}
+        prepare = spec.build(self.draft_model if spec.uses_draft else None,
+                             **{name: config for name, config in configs.items() if config is not None})
+        cache = prepare(self.model, ids, torch.ones_like(ids)).cache
+        return cache.retain_context(self.model, ids)
+
+    def _forward(self, model_inputs, method: str = "speckv", user_cache=None, **generate_kwargs):
         spec = get_method(method)
         configs = {name: generate_kwargs.pop(name) for name in CONFIG_ARGUMENTS if name in generate_kwargs}
         if spec.uses_draft and self.draft_model is None:
             raise ValueError(f"Method {spec.name!r} needs the pipeline's `draft_model=`.")
+        if user_cache is not None and not _takes_users_cache(spec, user_cache):
+            raise ValueError(_users_cache_error(spec, user_cache))
         input_ids, attention_mask = model_inputs["input_ids"], model_inputs.get("attention_mask")
         batch = input_ids.shape[0]
         stats = [dict(prompt_tokens=int(n)) for n in (attention_mask.sum(-1) if attention_mask is not None
@@ -105,6 +176,8 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
             generate_kwargs["position_ids"] = prepared_inputs.pop("position_ids")
         model_inputs = dict(model_inputs, **prepared_inputs)
         compressed, cache = prepared.compressed, prepared.cache
+        if user_cache is not None:
+            prepared.cache = cache = user_cache
         draft_tokens = draft_valid = None
         if compressed is not None:
             draft_tokens, draft_valid = compressed.draft_tokens, compressed.draft_tokens_valid
@@ -121,13 +194,14 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
 
         sequences = outputs["generated_sequence"]  # (batch, num_return_sequences, length)
         flat = sequences.reshape(-1, sequences.shape[-1])
-        compressed_kv = cache is not None and cache.is_compressed
+        ours = isinstance(cache, PromptCompressionCache)
+        compressed_kv = ours and cache.is_compressed
         agreement = None
-        if monitor is not None and (compressed_kv or cache is None):
+        if monitor is not None and (not ours or (compressed_kv and cache.lookahead_ids is not None)):
             agreement = monitor.agreement(flat).reshape(batch, -1)
         kept = _real_kept_per_row(cache, batch) if compressed_kv else None
         for row, item in enumerate(stats):
-            if cache is not None:
+            if ours:
                 item["kv_kept_per_layer"] = None if kept is None else kept[row]
             item["draft_agreement"] = None if agreement is None else agreement[row].tolist()
         outputs[STATS_KEY] = stats
@@ -144,6 +218,19 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
                 item["draft_agreement"] = item["draft_agreement"][index]
             record[STATS_KEY] = item
         return records
+
+
+def _takes_users_cache(spec, user_cache) -> bool:
+    """Whether a method can use a cache the user passes for one call (as given, its own knobs apply)."""
+    if spec.name == "full":
+        return True
+    return spec.budget == "kv" and spec.name != "speckv_pc" and isinstance(user_cache, PromptCompressionCache)
+
+
+def _users_cache_error(spec, user_cache) -> str:
+    return (f"Method {spec.name!r} cannot use the given cache ({type(user_cache).__name__}): a KV method takes a "
+            "compressing cache (e.g. a `SpecKVCache`, which is then used as given: its own budget and knobs apply), "
+            "`\"full\"` any transformers cache, and the prompt-compression methods none.")
 
 
 def _real_kept_per_row(cache, batch: int) -> list[int]:
