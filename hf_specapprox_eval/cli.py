@@ -48,23 +48,37 @@ def _read_text(path: str) -> str:
     return text
 
 
-def compress_output_paths(file: str, out: str | None) -> tuple[Path, Path]:
-    """Where `compress` writes the compressed text (`--out`, default `<file stem>.compressed.txt`) and its stats
-    (the text path with the suffix `.stats.json`); a `SystemExit` if either would overwrite the input or each
-    other."""
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether two paths name one file: the same inode where both exist (hard links, symlinks, `..`), else the same
+    resolved path."""
+    if path.exists() and other.exists():
+        return os.path.samefile(path, other)
+    return path.resolve() == other.resolve()
+
+
+def compress_output_paths(file: str, out: str | None, readable: bool = False) -> tuple[Path, ...]:
+    """Where `compress` writes the compressed text (`--out`, default `<file stem>.compressed.txt`), its stats (the
+    text path with the suffix `.stats.json`) and, with `readable`, the readable text (suffix `.readable.txt`); a
+    one-line `SystemExit` if one would overwrite the input or another (compared by identity: a hard link to the
+    input is the input), or if its folder does not exist."""
     source = Path(file)
     text_path = Path(out) if out else source.with_suffix(".compressed.txt")
-    stats_path = text_path.with_suffix(".stats.json")
-    for path in (text_path, stats_path):
+    paths = [(text_path, "--out"), (text_path.with_suffix(".stats.json"), "the stats file")]
+    if readable:
+        paths.append((text_path.with_suffix(".readable.txt"), "the readable text"))
+    for path, _ in paths:
         if path.is_dir():
             raise SystemExit(f"hf-specapprox: error: {path} is a folder; --out takes a file path")
-    taken = {source.resolve(): "the input file"}
-    for path, what in ((text_path, "--out"), (stats_path, "the stats file")):
-        if path.resolve() in taken:
-            raise SystemExit(f"hf-specapprox: error: {what} {path} would overwrite {taken[path.resolve()]}; "
-                             f"choose another --out")
-        taken[path.resolve()] = what
-    return text_path, stats_path
+        if not path.parent.is_dir():
+            raise SystemExit(f"hf-specapprox: error: {path.parent} does not exist; create it or choose another --out")
+    taken = [(source, "the input file")]
+    for path, what in paths:
+        for other, other_what in taken:
+            if _same_file(path, other):
+                raise SystemExit(f"hf-specapprox: error: {what} {path} would overwrite {other_what}; "
+                                 f"choose another --out")
+        taken.append((path, what))
+    return tuple(path for path, _ in paths)
 
 
 def _add_model_args(parser):
@@ -207,22 +221,41 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _draft_only(args):
+    """`(draft, tokenizer)`: SpecPC needs no target, so none is loaded."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tiny:
+        from hf_specapprox.testing import tiny_pair, tiny_tokenizer
+
+        return tiny_pair()[1], tiny_tokenizer()
+    from .models import load_draft
+
+    return load_draft(args.draft)
+
+
 def cmd_compress(args) -> int:
     from hf_specapprox.prompt.specpc import SpecPCPreprocessor
 
     from .methods import specpc_window, voting_layer
 
     text = _read_text(args.file)  # bad files and paths fail before the models load
-    text_path, stats_path = compress_output_paths(args.file, args.out)
-    _, draft, tokenizer = _models(args)
+    paths = compress_output_paths(args.file, args.out, readable=args.readable is not None)
+    draft, tokenizer = _draft_only(args)
     specpc = SpecPCPreprocessor(draft, tokenizer=tokenizer, max_capacity_prompt=args.budget,
                                 window_size=specpc_window(args.budget), starting_layer_index=voting_layer(draft))
     compressed_text, output = specpc.compress_text(text)
-    text_path.write_text(compressed_text, encoding="utf-8")
+    paths[0].write_text(compressed_text, encoding="utf-8")
     stats = {key: (value[0] if isinstance(value, list) else value) for key, value in output.stats.items()}
-    stats_path.write_text(json.dumps(stats, indent=1))
+    paths[1].write_text(json.dumps(stats, indent=1))
+    if args.readable is not None:
+        readable, _ = specpc.compress_text(text, separator=args.readable)
+        paths[2].write_text(readable, encoding="utf-8")
     print(json.dumps(stats))
-    print(f"compressed text: {text_path}, stats: {stats_path}", file=sys.stderr)
+    print(f"compressed text: {paths[0]}, stats: {paths[1]}" + (f", readable text: {paths[2]}" if len(paths) > 2
+                                                                  else ""), file=sys.stderr)
     return 0
 
 
@@ -282,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prompt tokens kept (SpecPC's window is min(64, budget))")
     compress.add_argument("--out", help="compressed text (default: FILE with suffix .compressed.txt); "
                           "the stats go beside it, suffix .stats.json")
+    compress.add_argument("--readable", nargs="?", const=" … ", default=None, metavar="MARKER",
+                          help="also write a text for people (suffix .readable.txt) with MARKER (default ' … ') "
+                          "between the kept spans; the compressed text itself stays exactly the kept tokens")
     compress.set_defaults(func=cmd_compress)
     return parser
 

@@ -157,6 +157,16 @@ def load_embedded_pair(dtype: torch.dtype = torch.float32, attn_implementation: 
     return target, draft, tokenizer
 
 
+def load_draft(draft: str | None = None, dtype: torch.dtype = torch.float32):
+    """`(draft, tokenizer)` alone: from a local checkpoint directory, or the embedded draft when `draft` is None (only
+    the draft is converted and loaded; SpecPC needs no target)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = draft if draft is not None else local_path("draft")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval(), tokenizer
+
+
 def load_pair(target: str | None = None, draft: str | None = None, dtype: torch.dtype = torch.float32):
     """`(target, draft, tokenizer)` from two local checkpoint directories, or the embedded pair when both are None."""
     if target is None and draft is None:

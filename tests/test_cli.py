@@ -130,3 +130,40 @@ def test_compress_out_folder_is_refused(document, tmp_path, no_models):
     (tmp_path / "out").mkdir()
     with pytest.raises(SystemExit, match="is a folder"):
         cli.main(["compress", "--tiny", str(document), "--out", str(tmp_path / "out")])
+
+
+def test_compress_never_overwrites_its_input_through_a_hard_link(document, tmp_path, no_models):
+    """Issue 27, item 8. Before: `--out alias.txt`, a hard link to the input, overwrote the input (300 words -> 50)."""
+    alias = tmp_path / "alias.txt"
+    os.link(document, alias)
+    text = document.read_text()
+    with pytest.raises(SystemExit, match="would overwrite the input"):
+        cli.main(["compress", "--tiny", str(document), "--out", str(alias)])
+    assert document.read_text() == text
+
+
+def test_compress_into_a_missing_folder_fails_before_any_work(document, tmp_path, no_models, monkeypatch):
+    """Issue 27, item 20. Before: the models loaded and the draft ran, then a traceback."""
+    monkeypatch.setattr(cli, "_draft_only", lambda args: (_ for _ in ()).throw(AssertionError("the draft loaded")))
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["compress", "--tiny", str(document), "--out", str(tmp_path / "missing" / "out.txt")])
+
+
+def test_compress_loads_the_draft_only(document, monkeypatch):
+    """Issue 28, item 5. Before: `compress` loaded the 6 GB target it never uses."""
+    def no_target(*args, **kwargs):
+        raise AssertionError("the target was loaded")
+
+    monkeypatch.setattr(cli, "_models", no_target)
+    assert cli.main(["compress", "--tiny", str(document), "--budget", "40"]) == 0
+
+
+def test_compress_readable_marks_the_dropped_spans(tmp_path):
+    """Issue 28, item 6: kept spans glued mid-word were hard to read; `--readable` puts a marker between them."""
+    source = tmp_path / "notes.txt"
+    source.write_text(words(200, seed=3))
+    assert cli.main(["compress", "--tiny", str(source), "--budget", "40", "--readable", " [...] "]) == 0
+    exact = (tmp_path / "notes.compressed.txt").read_text().split()
+    readable = (tmp_path / "notes.compressed.readable.txt").read_text()
+    assert "[...]" in readable
+    assert readable.replace("[...]", " ").split() == exact  # the same tokens, with markers between spans

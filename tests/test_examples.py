@@ -83,3 +83,8 @@ def test_align_draft_lora(tmp_path):
 def test_shared_cache_pipeline():
     answers = load("shared_cache_pipeline").main([])
     assert len(answers) == 3 and all(shared == fresh for shared, fresh in answers)
+
+
+def test_chat_over_a_document():
+    answers, conversation, cache = load("chat_over_a_document").main([])
+    assert len(answers) == 3 and cache.context.length > 400

@@ -74,8 +74,64 @@ class FakeCompletions:
         handler.end_headers()
         handler.wfile.write(data)
 
+    def raw(self, handler, status, payload: bytes, content_type="application/json", length=None):
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(payload) if length is None else length))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def hostile(self, handler, mode) -> bool:
+        """Answers of a misbehaving server (issue 27, items 7, 9, 10, 11 and 15); False for the other modes."""
+        event = lambda text: f"data: {text}\n\n".encode()
+        if mode == "choices_dict":
+            self.raw(handler, 200, json.dumps({"choices": {"text": "x"}}).encode())
+        elif mode == "choices_int":
+            self.raw(handler, 200, json.dumps({"choices": 7}).encode())
+        elif mode == "deep_json":
+            self.raw(handler, 200, b"[" * 200_000 + b"]" * 200_000)
+        elif mode == "big_int":
+            self.raw(handler, 200, b'{"choices": [{"text": "x"}], "usage": {"prompt_tokens": ' + b"9" * 5000 + b"}}")
+        elif mode == "huge_length":
+            self.raw(handler, 200, b'{"choices": []}', length=10**12)
+        elif mode == "huge_body":
+            self.raw(handler, 200, b'{"choices": [{"text": "' + b"x" * (60 << 20) + b'"}]}')
+        elif mode == "redirect":
+            handler.send_response(302)
+            handler.send_header("Location", self.redirect_to)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+        elif mode in ("trickle", "keepalive", "huge_line", "stream_bad_utf8", "stream_choices_dict", "stream_deep"):
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json" if mode == "trickle" else "text/event-stream")
+            handler.end_headers()
+            handler.wfile.write(event(json.dumps({"choices": [{"text": "w5", "index": 0}]})))
+            handler.wfile.flush()
+            for _ in range(200 if mode in ("trickle", "keepalive") else 1):
+                if self.release.is_set():
+                    break
+                if mode == "trickle":
+                    handler.wfile.write(b" ")  # one byte, never a whole line or answer
+                elif mode == "keepalive":
+                    handler.wfile.write(b": keep-alive\n\n")
+                elif mode == "huge_line":
+                    handler.wfile.write(b"data: " + b"x" * (60 << 20))
+                elif mode == "stream_bad_utf8":
+                    handler.wfile.write(b"data: \xff\xfe\n\n")
+                elif mode == "stream_choices_dict":
+                    handler.wfile.write(event(json.dumps({"choices": {"text": "x"}})))
+                else:
+                    handler.wfile.write(b"data: " + b"[" * 200_000 + b"]" * 200_000 + b"\n\n")
+                handler.wfile.flush()
+                time.sleep(0.3 if mode in ("trickle", "keepalive") else 0)
+        else:
+            return False
+        return True
+
     def answer(self, handler, body):
         mode, prompt = self.mode, body["prompt"]
+        if self.hostile(handler, mode):
+            return
         if mode == "sleep":
             self.release.wait(self.sleep)
         if mode == "status500":
@@ -494,3 +550,92 @@ def test_text_path_against_transformers_serve(setup, tmp_path):
             process.kill()
             process.wait(timeout=10)
         log.close()
+
+
+# ----- a hostile or broken server: issue 27, items 7, 9, 10, 11, 15 and 18 -----
+
+@pytest.mark.parametrize("mode", ["choices_dict", "choices_int", "deep_json", "big_int", "huge_length"])
+def test_malformed_answers_keep_the_compressed_prompt(setup, mode):
+    """Item 7. Before: raw KeyError / TypeError / RecursionError / ValueError / MemoryError, the prompt lost."""
+    with FakeCompletions(mode=mode) as server:
+        with pytest.raises(ServingError) as caught:
+            client_for(setup, server, prompt_format="ids").complete(setup["prompt"], max_tokens=4)
+    assert_nothing_lost(caught.value, setup)
+
+
+@pytest.mark.parametrize("mode", ["trickle", "keepalive"])
+def test_a_server_that_trickles_or_only_keeps_alive_hits_the_deadline(setup, mode):
+    """Item 9. Before: `timeout=1` waited forever (the timeout was per read)."""
+    with FakeCompletions(mode=mode) as server:
+        client = client_for(setup, server, prompt_format="ids", timeout=1, deadline=2)
+        start = time.perf_counter()
+        with pytest.raises(ServingError) as caught:
+            if mode == "trickle":
+                client.complete(setup["prompt"], max_tokens=4)
+            else:
+                list(client.complete(setup["prompt"], max_tokens=4, stream=True))
+        assert time.perf_counter() - start < 10
+    assert_nothing_lost(caught.value, setup)
+
+
+def test_a_redirect_to_another_origin_is_not_followed_and_gets_no_key(setup):
+    """Item 10. Before: a 302 to another origin was followed with `Authorization: Bearer` and the custom headers."""
+    with FakeCompletions() as elsewhere, FakeCompletions(mode="redirect") as server:
+        server.redirect_to = elsewhere.base_url + "/completions"
+        client = client_for(setup, server, prompt_format="ids", api_key="sk-secret", headers={"X-Team": "7"})
+        with pytest.raises(ServingError, match="redirect") as caught:
+            client.complete(setup["prompt"], max_tokens=4)
+    assert elsewhere.requests == [] and caught.value.status == 302
+    assert_nothing_lost(caught.value, setup)
+
+
+@pytest.mark.parametrize("mode", ["huge_body", "huge_line"])
+def test_answers_larger_than_the_cap_are_not_read(setup, mode):
+    """Item 11. Before: a 60 MB body for `max_tokens=4` was read whole; a 60 MB SSE line was buffered."""
+    with FakeCompletions(mode=mode) as server:
+        client = client_for(setup, server, prompt_format="ids")
+        with pytest.raises(ServingError, match="larger than|more than") as caught:
+            if mode == "huge_body":
+                client.complete(setup["prompt"], max_tokens=4)
+            else:
+                list(client.complete(setup["prompt"], max_tokens=4, stream=True))
+    assert_nothing_lost(caught.value, setup)
+
+
+@pytest.mark.parametrize("mode", ["stream_bad_utf8", "stream_choices_dict", "stream_deep"])
+def test_a_malformed_stream_event_keeps_the_text_so_far(setup, mode):
+    """Item 15. Before: raw UnicodeDecodeError / KeyError / RecursionError mid-iteration; `.result` "still open"."""
+    with FakeCompletions(mode=mode) as server:
+        stream = client_for(setup, server, prompt_format="ids").complete(setup["prompt"], max_tokens=4, stream=True)
+        received = []
+        with pytest.raises(ServingError) as caught:
+            for chunk in stream:
+                received.append(chunk)
+    assert received == ["w5"] and stream.result.text == "w5" and caught.value.result.text == "w5"
+    assert_nothing_lost(caught.value, setup)
+
+
+def test_bad_keys_urls_and_values_are_refused_before_the_draft_runs(setup):
+    """Item 18. Before: a key with CR/LF failed after the draft ran, `user:pw@` in the URL passed then said "cannot be
+    resolved", a query string built `/v1?key=1/completions`, and `temperature=nan` was sent as bare `NaN`."""
+    specpc = SpecPCPreprocessor(setup["draft"], CONFIG)
+    url = "http://127.0.0.1:9/v1"
+    with pytest.raises(ValueError, match="line breaks"):
+        SpecPCClient(specpc, url, "m", api_key="sk-1\r\nX-Injected: 1")
+    with pytest.raises(ValueError, match="line breaks"):
+        SpecPCClient(specpc, url, "m", headers={"X-Trace": "a\nb"})
+    with pytest.raises(ValueError, match="credentials"):
+        SpecPCClient(specpc, "http://user:pw@127.0.0.1:9/v1", "m")
+    with pytest.raises(ValueError, match="query"):
+        SpecPCClient(specpc, "http://127.0.0.1:9/v1?key=1", "m")
+    with pytest.raises(ValueError, match="deadline"):
+        SpecPCClient(specpc, url, "m", deadline=float("inf"))
+    client = SpecPCClient(specpc, url, "m")
+    calls = []
+    handle = setup["draft"].register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="NaN"):
+            client.complete([3, 4, 5], max_tokens=2, temperature=float("nan"))
+    finally:
+        handle.remove()
+    assert calls == []

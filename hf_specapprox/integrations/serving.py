@@ -23,6 +23,72 @@ PROMPT_FORMATS = ("auto", "ids", "text")
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _RESERVED_PARAMS = {"model", "prompt", "stream", "max_tokens"}
 _NOTHING_LOST = "The compressed prompt and its stats are in `error.result` (nothing was lost)."
+#: What an answer may weigh: this much, plus `response_bytes_per_token` for every token asked for (`max_tokens`).
+_RESPONSE_BYTES_BASE = 1 << 20
+#: What `json.loads` may meet in an answer: anything it raises on malformed, hostile or oversized input.
+_DECODE_ERRORS = (ValueError, RecursionError, UnicodeDecodeError, TypeError, MemoryError)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: a 3xx answer becomes an `HTTPError`, so the key and headers never travel elsewhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class _ResponseTooSlow(Exception):
+    """The answer did not come within the total deadline, or a stream made no progress for `timeout` seconds."""
+
+
+class _ResponseTooLarge(Exception):
+    """The answer (or one line of a stream) is larger than the cap."""
+
+
+class _Reader:
+    """Reads an HTTP response with a total deadline and a size cap, a chunk at a time (a server that trickles one byte
+    at a time cannot hold a read open past the deadline, and a huge answer is never buffered whole)."""
+
+    def __init__(self, response, deadline: float, cap: int):
+        self.response = response
+        self.deadline = deadline  # time.monotonic() value
+        self.cap = cap
+        self.buffer = b""
+        self.read_total = 0
+        self.idle_deadline: float | None = None  # a stream: the next event must come before this
+
+    def _chunk(self) -> bytes:
+        now = time.monotonic()
+        if now > self.deadline or (self.idle_deadline is not None and now > self.idle_deadline):
+            raise _ResponseTooSlow()
+        chunk = self.response.read1(65536) if hasattr(self.response, "read1") else self.response.read(65536)
+        self.read_total += len(chunk)
+        if self.read_total > self.cap:
+            raise _ResponseTooLarge()
+        return chunk
+
+    def body(self) -> bytes:
+        declared = self.response.headers.get("Content-Length") if hasattr(self.response, "headers") else None
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.cap:
+            raise _ResponseTooLarge()
+        parts = []
+        while chunk := self._chunk():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def lines(self):
+        """The response's lines (bytes, without the line break); a line longer than the cap raises."""
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line, self.buffer = self.buffer[:end], self.buffer[end + 1:]
+                yield line.rstrip(b"\r")
+                continue
+            chunk = self._chunk()
+            if not chunk:
+                if self.buffer:
+                    yield self.buffer
+                return
+            self.buffer += chunk
 
 
 class ServingError(RuntimeError):
@@ -86,11 +152,14 @@ class SpecPCStream:
         compressed ([`SpecPCOutput`]): the local compression, available before the first chunk.
     """
 
-    def __init__(self, client: SpecPCClient, result: SpecPCCompletion, response, started: float):
+    def __init__(self, client: SpecPCClient, result: SpecPCCompletion, response, started: float, reader: _Reader,
+                 max_tokens: int):
         self.compressed = result.compressed
         self._client = client
         self._result = result
         self._response = response
+        self._reader = reader
+        self._max_tokens = max_tokens
         self._started = started
         self._chunks: list[str] = []
         self._done = False
@@ -140,28 +209,38 @@ class SpecPCStream:
         result, stats = self._result, self._result.stats
         events = result.response
         finished = False  # the server said so: `[DONE]` or a `finish_reason`
+        client = self._client
         try:
-            for data in _sse_data(self._response):
+            for data in _sse_data(self._reader, client.timeout):
                 if data.strip() == "[DONE]":
                     finished = True
                     break
                 try:
                     event = json.loads(data)
-                except json.JSONDecodeError:
-                    raise self._client._error(
+                except _DECODE_ERRORS:
+                    raise client._error(
                         f"The server sent a stream event that is not JSON ({data[:200]!r}); it does not speak the "
                         "OpenAI completions protocol at this URL. Check `base_url`.", result) from None
                 events.append(event)
                 if not isinstance(event, dict):
                     continue
                 if event.get("error"):
-                    raise self._client._error(
+                    raise client._error(
                         f"The server reported an error in the middle of the stream: {_error_text(event)}. Check the "
                         "server's log; the text streamed so far is in `error.result.text`.", result)
                 _record_usage(stats, event)
-                choices = event.get("choices") or []
-                chunk = choices[0].get("text") if choices and isinstance(choices[0], dict) else None
-                finished = finished or bool(choices and isinstance(choices[0], dict) and choices[0].get("finish_reason"))
+                choice = _first_choice(event.get("choices"))
+                if choice is _MALFORMED:
+                    raise client._error(
+                        f"The server sent a stream event whose `choices` is not a list of objects "
+                        f"({repr(event.get('choices'))[:200]}); it does not speak the OpenAI completions protocol "
+                        "at this URL. Check `base_url`.", result)
+                chunk = choice.get("text") if choice else None
+                if chunk is not None and not isinstance(chunk, str):
+                    raise client._error(
+                        f"The server sent a stream event whose text is not a string ({chunk!r:.200}). Check "
+                        "`base_url`.", result)
+                finished = finished or bool(choice and choice.get("finish_reason"))
                 if chunk:
                     if not self._chunks:
                         stats["first_chunk_seconds"] = time.perf_counter() - self._started
@@ -170,13 +249,31 @@ class SpecPCStream:
         except ServingError:
             self._finish(complete=False)
             raise
+        except _ResponseTooSlow:
+            self._finish(complete=False)
+            raise client._error(
+                f"The stream from {client.url} sent no event for {client.timeout:g} s (keep-alive comments and "
+                f"partial lines are not progress), or went past the total deadline ({client.deadline:g} s): it "
+                "stopped sending in the middle of the stream. Raise `timeout=` or `deadline=` if the server is only "
+                "slow.", result) from None
+        except _ResponseTooLarge:
+            self._finish(complete=False)
+            raise client._error(
+                f"The stream from {client.url} sent more than {self._reader.cap} bytes for at most "
+                f"{self._max_tokens} tokens (or one line that long); it was cut there. Raise "
+                "`response_bytes_per_token=` if the server is right to send that much.", result) from None
+        except _DECODE_ERRORS as error:
+            self._finish(complete=False)
+            raise client._error(
+                f"The stream from {client.url} sent something that cannot be read as server-sent events "
+                f"({type(error).__name__}: {str(error)[:200]}). Check `base_url`.", result) from None
         except (TimeoutError, OSError, http.client.HTTPException) as error:
             self._finish(complete=False)
-            raise self._client._transport_error(error, result, during_stream=True) from error
+            raise client._transport_error(error, result, during_stream=True) from error
         if not finished:
             self._finish(complete=False)
-            raise self._client._error(
-                f"The stream from {self._client.url} ended before the server said the answer was finished (no "
+            raise client._error(
+                f"The stream from {client.url} ended before the server said the answer was finished (no "
                 "`finish_reason`, no `[DONE]`): it may have crashed or dropped the connection. Check its log; the text "
                 "streamed so far is in `error.result.text`.", result)
         self._finish(complete=True)
@@ -211,15 +308,25 @@ class SpecPCClient:
         tokenizer (`PreTrainedTokenizerBase`, *optional*, defaults to the preprocessor's `tokenizer`): needed for
             string prompts and for sending text.
         prompt_format (`str`, *optional*, defaults to `"auto"`): `"auto"`, `"ids"` or `"text"` (see above).
-        timeout (`float`, *optional*, defaults to `60.0`): seconds to wait for the connection, for the answer to
-            start and, while it comes, between two reads (between two chunks of a stream); past it,
-            [`ServingError`].
+        timeout (`float`, *optional*, defaults to `60.0`): seconds to wait for the connection and for the answer
+            to start, and, for a stream, between two events (keep-alive comments and partial lines are not
+            progress); past it, [`ServingError`].
+        deadline (`float`, *optional*, defaults to `600.0`): seconds a whole request may take, answer included (a
+            server trickling bytes cannot hold it open longer); past it, [`ServingError`].
+        response_bytes_per_token (`int`, *optional*, defaults to `16384`): an answer (or one line of a stream) may
+            weigh 1 MiB plus this many bytes per token of `max_tokens`; a larger one is not read, and
+            [`ServingError`] says so.
         api_key (`str`, *optional*): sent as `Authorization: Bearer <api_key>`.
         headers (`dict[str, str]`, *optional*): more HTTP headers for every request.
 
+    Redirects are never followed (the key and headers are never sent to another address): a 3xx answer is a
+    [`ServingError`] naming where the server pointed.
+
     Raises:
-        ValueError: for an unknown `prompt_format`, a `base_url` that is not `http(s)://...`, a non-positive
-            `timeout`, `prompt_format="text"` without a tokenizer, or a preprocessor that keeps original positions.
+        ValueError: for an unknown `prompt_format`, a `base_url` that is not `http(s)://...` (or holds credentials,
+            a query or a fragment), a non-positive `timeout` or `deadline`, an `api_key` or header with line breaks
+            or control characters, `prompt_format="text"` without a tokenizer, or a preprocessor that keeps
+            original positions.
         TypeError: if `preprocessor` is not a [`SpecPCPreprocessor`].
 
     Example:
@@ -238,8 +345,8 @@ class SpecPCClient:
     """
 
     def __init__(self, preprocessor: SpecPCPreprocessor, base_url: str, model: str, *, tokenizer=None,
-                 prompt_format: str = "auto", timeout: float = 60.0, api_key: str | None = None,
-                 headers: dict | None = None):
+                 prompt_format: str = "auto", timeout: float = 60.0, deadline: float = 600.0,
+                 api_key: str | None = None, headers: dict | None = None, response_bytes_per_token: int = 16384):
         if not isinstance(preprocessor, SpecPCPreprocessor):
             raise TypeError(
                 f"`preprocessor` must be a SpecPCPreprocessor (or one of its baselines), got {type(preprocessor).__name__}."
@@ -257,8 +364,33 @@ class SpecPCClient:
             raise ValueError(
                 f"`base_url` must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}."
             )
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}.")
+        if parsed.username is not None or parsed.password is not None:
+            raise ValueError(
+                "`base_url` holds credentials (`user:password@`); they would be sent in clear in every URL. Remove "
+                "them and pass the key as `api_key=` (sent as `Authorization: Bearer ...`)."
+            )
+        if parsed.query or parsed.fragment:
+            raise ValueError(
+                f"`base_url` must be the API root without a query or fragment (`?...`, `#...`), got {base_url!r}: "
+                "requests go to `base_url + '/completions'`. Pass headers as `headers=` and keys as `api_key=`."
+            )
+        for name, value in (("timeout", timeout), ("deadline", deadline)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+                raise ValueError(f"`{name}` must be a positive, finite number of seconds, got {value!r}.")
+        if isinstance(response_bytes_per_token, bool) or not isinstance(response_bytes_per_token, int) \
+                or response_bytes_per_token < 1:
+            raise ValueError(f"`response_bytes_per_token` must be a positive int, got {response_bytes_per_token!r}.")
+        for name, value in [("api_key", api_key), *((f"headers[{key!r}]", item) for key, item in
+                                                    (headers or {}).items())]:
+            if value is not None and (not isinstance(value, str) or any(ord(char) < 32 or ord(char) == 127
+                                                                       for char in value)):
+                raise ValueError(
+                    f"`{name}` must be a string without line breaks or control characters (they would split the "
+                    "HTTP header); check for a trailing newline read from a file."
+                )
+        for key in headers or {}:
+            if not isinstance(key, str) or not key or any(not (32 < ord(char) < 127) or char == ":" for char in key):
+                raise ValueError(f"Header names must be plain tokens, got {key!r}.")
         self.preprocessor = preprocessor
         self.tokenizer = tokenizer if tokenizer is not None else getattr(preprocessor, "tokenizer", None)
         if prompt_format == "text" and self.tokenizer is None:
@@ -268,13 +400,15 @@ class SpecPCClient:
         self.model = model
         self.prompt_format = prompt_format
         self.timeout = float(timeout)
+        self.deadline = float(deadline)
+        self.response_bytes_per_token = response_bytes_per_token
         self.headers = {"Content-Type": "application/json", "User-Agent": "hf_specapprox"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.headers.update(headers or {})
         # Loopback servers are reached directly, whatever proxy the environment names; others as urllib would.
         handlers = [urllib.request.ProxyHandler({})] if parsed.hostname in _LOOPBACK_HOSTS else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = urllib.request.build_opener(*handlers, _NoRedirects())
         self._ids_refused: str | None = None  # "auto": the server's refusal of ids, once seen
 
     def complete(self, prompt, *, max_tokens: int, stream: bool = False, protected_mask=None, **params):
@@ -313,6 +447,13 @@ class SpecPCClient:
             json.dumps(params)
         except (TypeError, ValueError) as error:
             raise TypeError(f"The request fields must be JSON values (numbers, strings, lists, dicts): {error}") from None
+        try:
+            json.dumps(params, allow_nan=False)
+        except ValueError:
+            raise ValueError(
+                f"The request fields hold a NaN or an infinity ({params!r:.200}), which JSON cannot carry (a server "
+                "would refuse the bare `NaN`). Give finite numbers."
+            ) from None
         start = time.perf_counter()
         input_ids = self._prompt_ids(prompt)
         compressed = self.preprocessor(input_ids, torch.ones_like(input_ids), protected_mask=protected_mask)
@@ -335,31 +476,44 @@ class SpecPCClient:
 
         payload = {"model": self.model, "max_tokens": max_tokens, **params, "stream": bool(stream)}
         started = time.perf_counter()
+        deadline = time.monotonic() + self.deadline
         response = self._send(payload, result, kept_ids, stream)
+        reader = _Reader(response, deadline, _RESPONSE_BYTES_BASE + self.response_bytes_per_token * max_tokens)
         if stream:
             result.response = []
-            return SpecPCStream(self, result, response, started)
+            return SpecPCStream(self, result, response, started, reader, max_tokens)
         try:
             with response:
-                raw = response.read()
+                raw = reader.body()
+        except _ResponseTooSlow:
+            stats["request_seconds"] = time.perf_counter() - started
+            raise self._error(
+                f"The answer from {self.url} did not arrive within the total deadline ({self.deadline:g} s): the "
+                "server sends it too slowly. Raise `deadline=` if it is only slow.", result) from None
+        except _ResponseTooLarge:
+            stats["request_seconds"] = time.perf_counter() - started
+            raise self._error(
+                f"The answer from {self.url} is larger than {reader.cap} bytes for at most {max_tokens} tokens; it "
+                "was not read. Raise `response_bytes_per_token=` if the server is right to send that much.",
+                result) from None
         except (TimeoutError, OSError, http.client.HTTPException) as error:
             stats["request_seconds"] = time.perf_counter() - started
             raise self._transport_error(error, result) from error
         stats["request_seconds"] = time.perf_counter() - started
         try:
             answer = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except _DECODE_ERRORS as error:
             raise self._error(
-                f"The server's answer is not JSON ({raw[:200]!r}); it does not speak the OpenAI completions protocol "
-                f"at {self.url}. Check `base_url`.", result) from None
+                f"The server's answer is not JSON ({raw[:200]!r}; {type(error).__name__}); it does not speak the "
+                f"OpenAI completions protocol at {self.url}. Check `base_url`.", result) from None
         result.response = answer
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("text"), str):
+        choice = _first_choice(answer.get("choices")) if isinstance(answer, dict) else _MALFORMED
+        if choice is None or choice is _MALFORMED or not isinstance(choice.get("text"), str):
             detail = _error_text(answer) if isinstance(answer, dict) and "error" in answer else repr(answer)[:300]
             raise self._error(
                 f"The server answered without a completion (`choices[0].text`): {detail}. Check the model name and "
                 "the server's log.", result)
-        result.text = choices[0]["text"]
+        result.text = choice["text"]
         _record_usage(stats, answer)
         return result
 
@@ -410,7 +564,7 @@ class SpecPCClient:
 
     def _open(self, payload: dict, stream: bool):
         request = urllib.request.Request(
-            self.url, data=json.dumps(payload).encode("utf-8"), method="POST",
+            self.url, data=json.dumps(payload, allow_nan=False).encode("utf-8"), method="POST",
             headers={**self.headers, "Accept": "text/event-stream" if stream else "application/json"},
         )
         return self._opener.open(request, timeout=self.timeout)
@@ -460,6 +614,11 @@ class SpecPCClient:
 
     def _http_error(self, status: int, body: str, result: SpecPCCompletion) -> ServingError:
         detail = _error_text(body)
+        if 300 <= status < 400:
+            return self._error(
+                f"The server at {self.url} answered HTTP {status}, a redirect to {_redirect_location(body)}. It was not "
+                "followed (the API key and headers are never sent to another address): set `base_url` to where the "
+                "API really is.", result, status=status, body=body)
         if status == 404:
             hint = ("There is no completions endpoint there, or no such model: `base_url` must be the API root (it "
                     f"usually ends in /v1) and {self.model!r} a model the server serves.")
@@ -500,17 +659,17 @@ class SpecPCClient:
         return self._error(message, result)
 
 
-def _sse_data(response):
-    """The `data` of each server-sent event (joined lines), as strings; comments and other fields are skipped."""
+def _sse_data(reader: _Reader, timeout: float):
+    """The `data` of each server-sent event (joined lines), as strings; comments and other fields are skipped. An
+    event must come at least every `timeout` seconds: comments (keep-alives) and partial lines are not progress."""
     lines: list[str] = []
-    while True:
-        raw = response.readline()
-        if not raw:  # end of the stream
-            break
-        line = raw.decode("utf-8").rstrip("\r\n")
+    reader.idle_deadline = time.monotonic() + timeout
+    for raw in reader.lines():
+        line = raw.decode("utf-8")
         if not line:
             if lines:
                 yield "\n".join(lines)
+                reader.idle_deadline = time.monotonic() + timeout
                 lines = []
             continue
         if line.startswith(":"):
@@ -522,9 +681,24 @@ def _sse_data(response):
         yield "\n".join(lines)
 
 
+_MALFORMED = object()
+
+
+def _first_choice(choices):
+    """`choices[0]` of an answer or event: `None` when there is none, `_MALFORMED` when `choices` is not a list of
+    objects."""
+    if choices is None or choices == []:
+        return None
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        return _MALFORMED
+    return choices[0]
+
+
 def _read_error_body(error: urllib.error.HTTPError) -> str:
     try:
-        return error.read(4096).decode("utf-8", "replace")
+        location = error.headers.get("Location") if error.headers is not None else None
+        text = error.read(4096).decode("utf-8", "replace")
+        return f"Location: {location}\n{text}" if location and 300 <= error.code < 400 else text
     except (OSError, http.client.HTTPException):
         return ""
     finally:
@@ -546,6 +720,11 @@ def _error_text(body) -> str:
             if value:
                 return str(value)[:500]
     return str(body)[:500]
+
+
+def _redirect_location(body) -> str:
+    """The redirect target of a 3xx answer, as `_read_error_body` noted it."""
+    return body.split("Location: ", 1)[1].split("\n", 1)[0] if "Location: " in (body or "") else "another address"
 
 
 def _record_usage(stats: dict, answer: dict) -> None:

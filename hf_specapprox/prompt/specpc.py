@@ -268,8 +268,16 @@ class SpecPCPreprocessor:
             protected=protected,
         )
 
-    def compress_text(self, text, **kwargs):
+    def compress_text(self, text, *, separator: str | None = None, **kwargs):
         """Compresses one string or a list of strings with the tokenizer given at construction.
+
+        Args:
+            text (`str` or `list[str]`): the prompt(s).
+            separator (`str`, *optional*): for a text people read: put between the runs of kept tokens that are not
+                next to each other in the input (e.g. `" … "`), each run decoded on its own, so that no two words are
+                glued where tokens were dropped. Leave it `None` for the text to give the target: exactly the kept
+                tokens, decoded.
+            **kwargs: passed on to the preprocessor's call (`protected_mask`).
 
         Returns:
             `(texts, output)`: the compressed text of every input (decoded from the kept tokens, special tokens kept)
@@ -285,10 +293,28 @@ class SpecPCPreprocessor:
         finally:
             self.tokenizer.padding_side = previous_side
         output = self(encoded["input_ids"], encoded["attention_mask"], **kwargs)
-        decoded = [
-            self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(output.input_ids, output.attention_mask)
-        ]
+        if separator is None:
+            decoded = [
+                self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(output.input_ids, output.attention_mask)
+            ]
+        else:
+            decoded = [self._readable(encoded["input_ids"][row], encoded["attention_mask"][row], kept, separator)
+                       for row, kept in enumerate(output.kept_indices)]
         return (decoded[0] if isinstance(text, str) else decoded), output
+
+
+    def _readable(self, ids, mask, kept, separator: str) -> str:
+        """The kept tokens of one row, each run of neighbours decoded alone, runs joined by `separator`."""
+        real = ids[mask.bool()]
+        kept = kept.tolist()
+        runs, start = [], 0
+        for index in range(1, len(kept) + 1):
+            if index == len(kept) or kept[index] != kept[index - 1] + 1:
+                runs.append(self.tokenizer.decode(real[kept[start:index]]).strip())
+                start = index
+        prefix = separator.lstrip() if kept and kept[0] > 0 else ""
+        suffix = separator.rstrip() if kept and kept[-1] < len(real) - 1 else ""
+        return prefix + separator.join(runs) + suffix
 
 
 def _pad_id(model) -> int:
