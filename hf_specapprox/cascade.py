@@ -56,7 +56,8 @@ class SpecKVPC:
             check_draft_compatible(self.draft, model)
         # A tensor-parallel target: the first rank of its group compresses, the others receive the same prompt.
         compressed = computed_on_first_rank(
-            model, lambda: self.specpc(input_ids, attention_mask, protected_mask=protected_mask), input_ids.device
+            model, lambda: self.specpc(input_ids, attention_mask, protected_mask=protected_mask), input_ids.device,
+            inputs=tuple(tensor for tensor in (input_ids, attention_mask) if tensor is not None),
         )
         cache = SpecKVCache(
             config=self.speckv_config, model=model, lookahead_ids=compressed.draft_tokens,

@@ -59,6 +59,21 @@ def main(target_dir: str, draft_dir: str, out_dir: str, perturb_other_drafts: bo
             "kv_heads": [None if positions is None else positions.shape[1] for positions in kept],
         }
     results["tp_size"] = getattr(target, "tp_size", None)
+    # Ranks given different prompts: every rank refuses (before: the other ranks silently got rank 0's preview).
+    other = ids.clone()
+    if rank > 0:
+        other[0, 30] = (other[0, 30] + 1) % 90 + 3
+    refusals = {}
+    for name, configs in METHODS.items():
+        spec = registry.get_method(name)
+        try:
+            prepared = spec.build(draft if spec.uses_draft else None, **configs)(target, other, mask)
+            target.generate(**prepared.model_inputs, **prepared.cache_kwargs(target), max_new_tokens=2,
+                            do_sample=False, pad_token_id=0)
+            refusals[name] = None
+        except ValueError as error:
+            refusals[name] = f"{type(error).__name__}: {error}"
+    results["different_prompts"] = refusals
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 

@@ -79,3 +79,12 @@ def test_each_rank_keeps_its_half_of_the_kv_heads(runs, method):
     print(f"{method}: kept-position overlap with the single process, min {min(overlaps):.3f}")
     # fp32 all-reduce order can flip near-ties at the budget's edge; with these tiny models it does not
     assert min(overlaps) == 1.0
+
+
+def test_ranks_given_different_prompts_all_refuse(runs):
+    """Issue 27: under torchrun, ranks given different prompts silently got the first rank's preview."""
+    reference, ranks = runs
+    assert all(refusal is None for refusal in reference["different_prompts"].values())  # one process: no ranks
+    for rank in ranks:
+        for method, refusal in rank["different_prompts"].items():
+            assert refusal is not None and "different prompts" in refusal, (method, refusal)

@@ -154,7 +154,9 @@ def _prompt_method(preprocessor_for):
         def prepare(model, input_ids, attention_mask=None):
             # A tensor-parallel target: its first rank compresses, the others receive the same prompt.
             compressed = computed_on_first_rank(model, lambda: preprocessor(input_ids, attention_mask),
-                                                input_ids.device)
+                                                input_ids.device, inputs=tuple(
+                                                    tensor for tensor in (input_ids, attention_mask)
+                                                    if tensor is not None))
             return PreparedInputs(compressed.input_ids, compressed.attention_mask, compressed=compressed,
                                   position_ids=compressed.position_ids)
 

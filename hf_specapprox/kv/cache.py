@@ -25,6 +25,7 @@ from ..checks import (check_prompt, expand_size_reasons, expanded_rows, generati
                       prompt_output_reasons, refuse, sparse_prefill_reasons, static_generation_reasons,
                       static_model_reasons)
 from ..config import KVSelectionConfig, resolve_config
+from ..modeling.distributed import check_same_inputs_across_ranks
 from .binding import bind
 from .context import RetainedContext
 from .layers import CompressedKVLayer, build_layers
@@ -386,6 +387,7 @@ class PromptCompressionCache(Cache):
         """Runs the compressing prefill for a checked prompt and installs its layers and record; returns whether the
         prompt was compressed. On any exception the cache is left empty."""
         self._refuse_unservable(model, input_ids, attention_mask)
+        check_same_inputs_across_ranks(model, input_ids, attention_mask)
         prefix = self._context_prefix(input_ids, attention_mask)
         grows = prefix is not None and input_ids.shape[0] == 1 and bool(attention_mask.bool().all())
         try:

@@ -12,6 +12,7 @@ group computes them and broadcasts the result; the other ranks do not run the dr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Callable
 
 import torch
@@ -62,17 +63,58 @@ class TensorParallelRankError(RuntimeError):
     """Raised on every rank when the first tensor-parallel rank failed to compute what it broadcasts."""
 
 
-def computed_on_first_rank(model, compute: Callable[[], Any], device: torch.device | str):
+class TensorParallelPromptError(ValueError):
+    """Raised on every rank when the ranks of one tensor-parallel group were given different prompts."""
+
+
+def _digest(inputs) -> list[int]:
+    """A fingerprint of the tensors in `inputs` (shapes and values), comparable across ranks."""
+    digest = hashlib.sha256()
+    for tensor in inputs:
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.numpy().tobytes())
+    return list(digest.digest()[:16])
+
+
+def _check_same_inputs(inputs, group, first) -> None:
+    """Every rank compares its inputs with the first rank's; all ranks raise together on a mismatch (a rank that
+    raised alone would leave the others waiting in the next collective)."""
+    message = [_digest(inputs) if torch.distributed.get_rank() == first else None]
+    torch.distributed.broadcast_object_list(message, src=first, group=group)
+    differs = torch.tensor([int(message[0] != _digest(inputs))])
+    torch.distributed.all_reduce(differs, op=torch.distributed.ReduceOp.MAX, group=group)
+    if int(differs):
+        raise TensorParallelPromptError(
+            "The ranks of this tensor-parallel group were given different prompts (ids or masks). They run one "
+            "sharded forward together, so every rank must pass the same inputs: build the batch identically on "
+            "every rank (e.g. from the same seed or from rank 0's broadcast)."
+        )
+
+
+def check_same_inputs_across_ranks(model, *inputs) -> None:
+    """On a tensor-parallel `model`, raises [`TensorParallelPromptError`] on every rank unless all ranks hold the same
+    `inputs` (tensors; `None`s are skipped); nothing when the model is not sharded."""
+    found = tensor_parallel_group(model)
+    if found is not None:
+        _check_same_inputs([tensor for tensor in inputs if tensor is not None], *found)
+
+
+def computed_on_first_rank(model, compute: Callable[[], Any], device: torch.device | str, inputs=()):
     """`compute()` run on the first rank of `model`'s tensor-parallel group and broadcast to the others (tensors,
     tuples, lists and dataclasses of them), moved to `device`; simply `compute()` when `model` is not sharded.
 
-    If the first rank fails, it broadcasts the failure first, so that every rank raises instead of waiting forever:
-    the first rank re-raises its exception, the others raise [`TensorParallelRankError`] with its message.
+    `inputs` (tensors) are what `compute` reads: every rank must hold the same, or all raise
+    [`TensorParallelPromptError`] before any work. If the first rank fails, it broadcasts the failure first, so that
+    every rank raises instead of waiting forever: the first rank re-raises its exception, the others raise
+    [`TensorParallelRankError`] with its message.
     """
     found = tensor_parallel_group(model)
     if found is None:
         return compute()
     group, first = found
+    if inputs:
+        _check_same_inputs(inputs, group, first)
     if torch.distributed.get_rank() == first:
         try:
             value = compute()
@@ -94,4 +136,4 @@ def computed_on_first_rank(model, compute: Callable[[], Any], device: torch.devi
     return _map_tensors(payload, lambda tensor: tensor.to(device))
 
 
-__all__ = ["TensorParallelRankError", "computed_on_first_rank", "tensor_parallel_group"]
+__all__ = ["TensorParallelPromptError", "check_same_inputs_across_ranks", "TensorParallelRankError", "computed_on_first_rank", "tensor_parallel_group"]
