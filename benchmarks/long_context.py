@@ -50,6 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if (ROOT / "hf_specapprox").is_dir() and str(ROOT) not in sys.path:  # run from a checkout: use its library
     sys.path.insert(0, str(ROOT))
+if (ROOT / "eval" / "hf_specapprox_eval").is_dir() and str(ROOT / "eval") not in sys.path:  # and its harness
+    sys.path.insert(0, str(ROOT / "eval"))
 
 METHODS = ("stock", "speckv_dense", "speckv_dense_static", "speckv_sparse", "speckv_sparse_static", "snapkv",
            "snapkv_static", "speckv")  # speckv: the library's own defaults

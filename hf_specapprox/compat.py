@@ -117,6 +117,16 @@ def eager_attention_function(module):
     return function
 
 
+def exact_generation_config_kwargs() -> dict:
+    """The `generate` keyword arguments that make it use a passed `GenerationConfig` as given.
+
+    transformers 4.x replaces a passed config's values that equal the global defaults by the model's own
+    (`repetition_penalty=1.0` becomes the checkpoint's 1.1) unless `use_model_defaults=False`; 5.x fills only the
+    fields left `None`, and has no such argument.
+    """
+    return {"use_model_defaults": False} if TRANSFORMERS_VERSION < Version("5.0") else {}
+
+
 def text_config(config):
     """The decoder's text config (multimodal wrappers nest it)."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers import GenerationMixin
 
 import hf_specapprox as hs
 from hf_specapprox import compat
@@ -17,7 +20,8 @@ from hf_specapprox_eval.methods import method_configs, run_method
 from tiny_models import EOS_ID, random_batch, tiny_model
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. The draft's preview is what `draft.generate(do_sample=False)` writes with the draft's generation config.
+# 1. The draft's preview is what `draft.generate(do_sample=False)` writes with the draft's generation config (it is
+#    that call now; the oracle is a hand-written loop).
 
 
 def penalised_draft(penalty: float = 3.0, **kwargs):
@@ -26,10 +30,26 @@ def penalised_draft(penalty: float = 3.0, **kwargs):
     return draft
 
 
+@torch.no_grad()
 def oracle_tokens(draft, ids, mask, n):
-    """The independent oracle: transformers' own `generate`, greedy, with the draft's generation config."""
-    out = draft.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, pad_token_id=0)
-    return out[:, ids.shape[1]:]
+    """The independent oracle: a greedy loop written here (full forwards, no cache) that applies the draft's
+    repetition penalty by hand, as Qwen2.5-Instruct's generation config asks (CTRL's rule: every id seen so far,
+    padding included, has its positive logit divided by the penalty and its negative one multiplied)."""
+    penalty = draft.generation_config.repetition_penalty or 1.0
+    # transformers' own `generate` leaves the left padding out of the penalty where it passes the padding lengths to
+    # the processor (`prompt_ignore_length`, 5.x); before, the padding ids count as seen
+    skips_padding = "prompt_ignore_length=" in inspect.getsource(GenerationMixin._get_logits_processor)
+    sequence, valid = ids, mask
+    for _ in range(n):
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        logits = draft(input_ids=sequence, attention_mask=valid, position_ids=positions).logits[:, -1].float()
+        seen_ids = torch.where(valid.bool(), sequence, sequence[:, -1:]) if skips_padding else sequence
+        seen = torch.gather(logits, 1, seen_ids)
+        logits = logits.scatter(1, seen_ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+        token = logits.argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        valid = torch.cat([valid, torch.ones_like(token)], dim=1)
+    return sequence[:, ids.shape[1]:]
 
 
 def assert_same_valid_tokens(tokens, valid, expected):
@@ -61,7 +81,7 @@ def test_speckv_and_specpc_previews_equal_generate():
     assert cache.config.lookahead_decoding == "generation_config"
     tokens, valid = cache.query_source.tokens(None, ids, mask, cache.config)
     assert_same_valid_tokens(tokens, valid, expected)
-    # SpecPC feeds a scoring argument to every draft forward (generate refuses it); the tokens are still generate's
+    # SpecPC's votes come from an observer set around the draft's `generate`: the tokens are the same
     specpc = hs.SpecPCPreprocessor(draft, max_capacity_prompt=16, window_size=4, lookahead_tokens=n,
                                    starting_layer_index=0)
     out = specpc(ids, mask)

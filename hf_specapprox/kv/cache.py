@@ -611,6 +611,8 @@ class PromptCompressionCache(Cache):
                     claim.owner = None
 
     def _check_claim(self) -> None:
+        if compat.is_compiling():
+            return  # a compiled decode step: no Python bookkeeping in the graph (its call was claimed when it began)
         owner = self._claim.owner
         if owner is not None and owner != threading.get_ident():
             raise self._in_use_error()

@@ -103,7 +103,8 @@ def _make_wrapper(original_name: str | None):
     def attention_with_scoring(module, query, key, value, attention_mask, **kwargs):
         attention = _original_attention(module, original_name)
         attention_mask = fit_mask(attention_mask, key)
-        observer = current_observer(module)
+        # A compiled forward (static decoding) is never observed: no Python state enters its graph.
+        observer = None if compat.is_compiling() else current_observer(module)
         if observer is None:
             return attention(module, query, key, value, attention_mask, **kwargs)
         return observer.attend(module, query, key, value, attention_mask, attention, **kwargs)

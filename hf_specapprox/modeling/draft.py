@@ -252,7 +252,8 @@ def generate_lookahead(
     ids = unique_rows[:, :prompt_length].to(device)
     mask = unique_rows[:, prompt_length:].to(device)
     cache = {} if past_key_values is None else {compat.cache_kwarg_name(draft): past_key_values}
-    sequences = draft.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache)
+    sequences = draft.generate(input_ids=ids, attention_mask=mask, generation_config=config, **cache,
+                               **compat.exact_generation_config_kwargs())
     return _cut_after_eos(sequences[:, prompt_length:].to(input_ids.device), _eos_ids(config), inverse)
 
 
