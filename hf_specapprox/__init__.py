@@ -17,6 +17,9 @@ from .integrations.pipeline import SpecApproxTextGenerationPipeline
 from .prompt.baselines import RandomPreprocessor, RecencyPreprocessor, SpecPrefillPreprocessor
 from .integrations.serving import ServingError, SpecPCClient, SpecPCCompletion, SpecPCStream
 from .kv.speckv import SpecKVCache
+from .prompt.scorers import (DraftLookaheadAttention, DraftWindowAttention, RandomTokenScores, RecencyTokenScores,
+                             TokenScorer, TokenScores)
+from .prompt.selectors import NeighbourExpansion, TokenSelector, WholeChunks
 from .prompt.specpc import SpecPCOutput, SpecPCPreprocessor
 
 __version__ = "0.1.0"
@@ -27,17 +30,22 @@ __all__ = [
     "CacheInUseError",
     "CompressedKVLayer",
     "DraftAgreementMonitor",
+    "DraftLookaheadAttention",
     "DraftPreview",
+    "DraftWindowAttention",
     "KVScorer",
     "KVSelectionConfig",
     "KeyNormScorer",
     "KnormCache",
     "KnormConfig",
+    "NeighbourExpansion",
     "PromptCompressionCache",
     "QuerySource",
     "RandomPreprocessor",
+    "RandomTokenScores",
     "RecencyPreprocessor",
     "RecencyScorer",
+    "RecencyTokenScores",
     "RetainedContext",
     "ScorerInputs",
     "SelectionPolicy",
@@ -59,7 +67,11 @@ __all__ = [
     "StaticCompressedLayer",
     "StreamingLLMCache",
     "StreamingLLMConfig",
+    "TokenScorer",
+    "TokenScores",
+    "TokenSelector",
     "UnboundCacheError",
+    "WholeChunks",
     "bind",
     "is_bound",
     "unbind",

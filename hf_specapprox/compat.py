@@ -30,6 +30,11 @@ _CROP_NEGATIVE_ONLY = TRANSFORMERS_VERSION >= Version("5.15")
 
 CACHE_KWARG_NAMES = ("cache", "past_key_values")
 
+#: Whether `generate` carries caller-given `position_ids` through decoding (advances them by one per new token, in
+#: `_update_model_kwargs_for_generation`): 5.x does; 4.56 and 4.57 keep re-using the prompt's last position, so
+#: original positions (SpecPrefill) cannot be given to `generate` there.
+GENERATE_ADVANCES_POSITION_IDS = TRANSFORMERS_VERSION >= Version("5.0")
+
 # `generate` calls `Cache.prepare_prefill` once per call with the full prompt (docs/upstream.md): not in a release yet.
 _NATIVE_PREPARE_PREFILL = "prepare_prefill" in vars(_TransformersCache)
 

@@ -15,6 +15,7 @@ from hf_specapprox import compat
 from hf_specapprox.config import resolve_specpc_kernel_size
 from hf_specapprox.modeling.draft import generate_lookahead
 from hf_specapprox.prompt.baselines import generate_advances_position_ids
+from hf_specapprox.prompt.scorers import TokenScorer, TokenScores
 from hf_specapprox.integrations.registry import get_method
 from hf_specapprox_eval.methods import method_configs, run_method
 from tiny_models import EOS_ID, random_batch, tiny_model
@@ -131,9 +132,16 @@ def spiked_specpc(family: str, **knobs):
                                    starting_layer_index=0, **knobs)
     scores = torch.zeros(1, 200)
     scores[0, 100] = 1.0
-    empty = torch.zeros(1, 0, dtype=torch.long)
-    specpc._token_scores = lambda input_ids, attention_mask: (scores, empty, empty.bool())
+    specpc.token_scorer = FixedScores(scores)  # the public seam: a token scorer of one's own
     return specpc
+
+
+class FixedScores(TokenScorer):
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, draft, input_ids, attention_mask, config):
+        return TokenScores.without_draft(self.scores)
 
 
 def test_specpc_kernel_resolves_per_draft_family_and_selects_accordingly():
@@ -225,8 +233,7 @@ def test_specprefill_ranks_chunks_by_mean_and_keeps_the_last_token():
                                              keep_original_positions=False)
     # chunks [0-3] mean 0.5, [4-7] mean 0.25, [8-9] mean 0: the last token (9) and the best chunk are kept
     scores = torch.tensor([[0.5, 0.5, 0.5, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-    empty = torch.zeros(1, 0, dtype=torch.long)
-    specprefill._token_scores = lambda input_ids, attention_mask: (scores, empty, empty.bool())
+    specprefill.token_scorer = FixedScores(scores)
     ids, mask = random_batch(1, 10, [0], seed=6)
     assert specprefill(ids, mask).kept_indices[0].tolist() == [0, 1, 2, 3, 9]
 

@@ -3,76 +3,20 @@ controls (recency, random)."""
 
 from __future__ import annotations
 
-import inspect
-from functools import lru_cache
-
 import torch
 import transformers
 
-from ..modeling.capture import AttentionObserver, observing
+from .. import compat
 from ..config import SpecPCConfig
-from ..modeling.draft import generate_lookahead
-from ..kernels.select import chunk_keep_mask, pool_scores
+from .scorers import DraftLookaheadAttention, RandomTokenScores, RecencyTokenScores
+from .selectors import NeighbourExpansion, WholeChunks
 from .specpc import SpecPCPreprocessor
 
 
 def generate_advances_position_ids() -> bool:
-    """Whether this transformers version's `generate` carries caller-given `position_ids` through decoding (extends
-    them by one per new token). 5.x does (`_update_model_kwargs_for_generation` advances them); 4.56 does not: it
-    keeps re-using the prompt's last position, so original positions cannot be given to `generate` there.
-
-    Version seam, decided by reading that method's source (the behaviour has no version flag of its own)."""
-    return _generate_advances_position_ids()
-
-
-@lru_cache(maxsize=1)
-def _generate_advances_position_ids() -> bool:
-    from transformers import GenerationMixin
-
-    try:
-        source = inspect.getsource(GenerationMixin._update_model_kwargs_for_generation)
-    except (OSError, TypeError, AttributeError):
-        return False
-    return "position_ids" in source
-
-
-class _SpecPrefillVotes(AttentionObserver):
-    """SpecPrefill's scores: per draft forward (the last prompt token's, then each lookahead token's), every layer's
-    and head's attention of that one query over the prompt keys only (softmax over the prompt), average-pooled along
-    the prompt, max over layers and heads; the forwards are then averaged."""
-
-    def __init__(self, attention_mask: torch.Tensor, pool_kernel_size: int):
-        self.prompt_mask = attention_mask.bool()
-        self.prompt_length = attention_mask.shape[1]
-        self.pool_kernel_size = pool_kernel_size
-        self.steps: dict[int, torch.Tensor] = {}  # forward index (0: the prompt's last token) -> (B, L)
-
-    def score_layer(self, module, query, key, value, scaling) -> None:
-        length = self.prompt_length
-        mask = self.prompt_mask.to(key.device)
-        keys = key[:, :, :length].float()
-        groups = query.shape[1] // keys.shape[1]
-        keys = keys.repeat_interleave(groups, dim=1)  # (B, H, L, d)
-        last_query = query[:, :, -1:, :].float()  # the forward's newest token
-        logits = (last_query @ keys.transpose(-1, -2))[:, :, 0, :] * (scaling or query.shape[-1] ** -0.5)
-        probs = torch.softmax(logits.masked_fill(~mask[:, None, :], float("-inf")), dim=-1)  # (B, H, L)
-        pooled = pool_scores(probs, self.pool_kernel_size, "mean")
-        step = key.shape[2] - length
-        votes = pooled.amax(1)
-        current = self.steps.get(step)
-        self.steps[step] = votes if current is None else torch.maximum(current, votes)
-
-    def combine(self, lookahead_valid: torch.Tensor) -> torch.Tensor:
-        total = self.steps[0].clone()
-        count = torch.ones_like(total[:, :1])
-        for step, votes in self.steps.items():
-            if step == 0:
-                continue
-            # the query of lookahead token `step` ran only if no EOS came before it (lookahead_valid[:, step])
-            voted = lookahead_valid[:, step].to(votes.device)[:, None].float()
-            total = total + votes * voted
-            count = count + voted
-        return (total / count).masked_fill(~self.prompt_mask.to(total.device), 0.0)
+    """Whether this transformers version's `generate` carries caller-given `position_ids` through decoding (see
+    `compat.GENERATE_ADVANCES_POSITION_IDS`)."""
+    return compat.GENERATE_ADVANCES_POSITION_IDS
 
 
 class SpecPrefillPreprocessor(SpecPCPreprocessor):
@@ -128,30 +72,20 @@ class SpecPrefillPreprocessor(SpecPCPreprocessor):
         config = SpecPCConfig(max_capacity_prompt=max_capacity_prompt, window_size=1, weighted_query=False,
                               starting_layer_index=0, kernel_size=1, lookahead_tokens=lookahead_tokens,
                               lookahead_decoding=lookahead_decoding, **protect)
-        super().__init__(draft, config=config, tokenizer=tokenizer)
-        self.chunk_size = chunk_size
-        self.pool_kernel_size = pool_kernel_size
+        super().__init__(draft, config=config, tokenizer=tokenizer,
+                         token_scorer=DraftLookaheadAttention(lookahead_tokens, pool_kernel_size),
+                         token_selector=WholeChunks(chunk_size))
         self.keep_original_positions = keep_original_positions
 
-    def _token_scores(self, input_ids, attention_mask):
-        votes = _SpecPrefillVotes(attention_mask, self.pool_kernel_size)
-        with observing(self.draft, votes):
-            draft_tokens, draft_valid = generate_lookahead(
-                self.draft, input_ids, attention_mask, self.config.lookahead_tokens, deduplicate=False,
-                decoding=self.config.lookahead_decoding,
-            )
-        if 0 not in votes.steps:
-            raise ValueError(
-                "The draft's attention never reached hf_specapprox's scoring wrapper; the draft must use transformers' "
-                "`AttentionInterface` (all current transformers text models do)."
-            )
-        return votes.combine(draft_valid).to(input_ids.device), draft_tokens, draft_valid
+    @property
+    def chunk_size(self) -> int:
+        """Tokens per chunk."""
+        return self.token_selector.chunk_size
 
-    def _select(self, scores, valid, protected):
-        last = torch.zeros_like(valid)
-        last[:, -1] = True  # left padding: the last column is every row's last prompt token
-        return chunk_keep_mask(scores, valid, max_capacity_prompt=self.config.max_capacity_prompt,
-                               chunk_size=self.chunk_size, protected=protected | last)
+    @property
+    def pool_kernel_size(self) -> int:
+        """The average pooling's width."""
+        return self.token_scorer.pool_kernel_size
 
     def __call__(self, input_ids, attention_mask=None, protected_mask=None):
         output = super().__call__(input_ids, attention_mask, protected_mask)
@@ -164,43 +98,30 @@ class SpecPrefillPreprocessor(SpecPCPreprocessor):
         return output
 
 
-class _ControlPreprocessor(SpecPCPreprocessor):
-    """A control without a draft: scores come from position (recency) or a seeded generator (random); selection,
-    protection and output are SpecPC's."""
-
-    _uses_draft = False
-
-    def __init__(self, max_capacity_prompt: int, window_size: int, tokenizer=None, **protect):
-        config = SpecPCConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size, kernel_size=1,
-                              neighbor_tokens=1, starting_layer_index=0, **protect)
-        super().__init__(None, config=config, tokenizer=tokenizer)
-
-    def _token_scores(self, input_ids, attention_mask):
-        empty = input_ids.new_zeros((input_ids.shape[0], 0))
-        return self._control_scores(input_ids), empty, empty.bool()
-
-    def _control_scores(self, input_ids):
-        raise NotImplementedError
+def _control_config(max_capacity_prompt: int, window_size: int, protect: dict) -> SpecPCConfig:
+    """SpecPC's selection with no pooling and no neighbours: the controls keep exactly their best-scoring tokens."""
+    return SpecPCConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size, kernel_size=1,
+                        neighbor_tokens=1, starting_layer_index=0, **protect)
 
 
-class RecencyPreprocessor(_ControlPreprocessor):
-    """Keeps the last `max_capacity_prompt` tokens (plus protected ones): the "just truncate" control."""
+class RecencyPreprocessor(SpecPCPreprocessor):
+    """Keeps the last `max_capacity_prompt` tokens (plus protected ones): the "just truncate" control, SpecPC's
+    selection over [`RecencyTokenScores`]."""
 
     def __init__(self, max_capacity_prompt: int = 1024, tokenizer=None, **protect):
-        super().__init__(max_capacity_prompt, window_size=1, tokenizer=tokenizer, **protect)
-
-    def _control_scores(self, input_ids):
-        return torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32).expand_as(input_ids)
+        super().__init__(None, config=_control_config(max_capacity_prompt, 1, protect), tokenizer=tokenizer,
+                         token_scorer=RecencyTokenScores(), token_selector=NeighbourExpansion())
 
 
-class RandomPreprocessor(_ControlPreprocessor):
-    """Keeps the last `window_size` tokens and a uniformly random choice of the others (seeded)."""
+class RandomPreprocessor(SpecPCPreprocessor):
+    """Keeps the last `window_size` tokens and a uniformly random choice of the others (seeded): SpecPC's selection
+    over [`RandomTokenScores`]."""
 
     def __init__(self, max_capacity_prompt: int = 1024, window_size: int = 64, seed: int = 0, tokenizer=None,
                  **protect):
-        super().__init__(max_capacity_prompt, window_size=window_size, tokenizer=tokenizer, **protect)
-        self.seed = seed
+        super().__init__(None, config=_control_config(max_capacity_prompt, window_size, protect), tokenizer=tokenizer,
+                         token_scorer=RandomTokenScores(seed), token_selector=NeighbourExpansion())
 
-    def _control_scores(self, input_ids):
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.rand(input_ids.shape, generator=generator).to(input_ids.device)
+    @property
+    def seed(self) -> int:
+        return self.token_scorer.seed

@@ -7,13 +7,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import kernels
-from ..modeling.adapters import unwrap_adapters
-from ..modeling.capture import AttentionObserver, layer_index, observing
 from ..checks import check_prompt
 from ..config import SpecPCConfig, resolve_config, resolve_specpc_kernel_size
-from ..modeling.draft import check_prompt_ids, generate_lookahead
-from ..kernels.select import specpc_keep_mask
+from ..modeling.adapters import unwrap_adapters
+from ..modeling.draft import check_prompt_ids
+from .scorers import DraftWindowAttention, TokenScorer
+from .selectors import NeighbourExpansion, TokenSelector
 
 
 @dataclass
@@ -72,58 +71,6 @@ class SpecPCOutput:
         return self.kept_lengths.float() / self.original_lengths.clamp(min=1).float()
 
 
-class _DraftVotes(AttentionObserver):
-    """Collects the draft's window attention per forward (an observer set around the draft's `generate`)."""
-
-    def __init__(self, config: SpecPCConfig, attention_mask: torch.Tensor):
-        self.config = config
-        self.prompt_mask = attention_mask.bool()
-        self.prompt_length = attention_mask.shape[1]
-        self.window = min(config.window_size, self.prompt_length)
-        self.prefill = None  # (B, L) max over layers of the window queries' weighted attention
-        self.decode_steps: dict[int, torch.Tensor] = {}  # lookahead token index -> (B, L)
-        self.layers_seen: set[int] = set()
-
-    def score_layer(self, module, query, key, value, scaling) -> None:
-        layer_idx = layer_index(module)
-        if layer_idx < self.config.starting_layer_index:
-            return
-        self.layers_seen.add(layer_idx)
-        length, num_keys = self.prompt_length, key.shape[2]
-        mask = self.prompt_mask.to(key.device)
-        if num_keys == query.shape[2]:  # the prefill forward
-            start = length - self.window
-            weights = None
-            if self.config.weighted_query and self.window > 1:
-                weights = torch.linspace(0, 1, self.window, device=key.device)
-            votes = kernels.window_scores(
-                query[:, :, start:, :], key, scaling=scaling or query.shape[-1] ** -0.5, query_offset=start,
-                key_valid=mask, query_valid=mask[:, start:], reduction="max", query_weights=weights,
-                implementation=self.config.scoring_implementation,
-            )
-            self.prefill = _running_max(self.prefill, votes.amax(1)[:, :length])
-        else:  # a decode step: one new query, the previous lookahead token
-            key_valid = torch.cat([mask, torch.ones(mask.shape[0], num_keys - length, dtype=torch.bool,
-                                                    device=key.device)], dim=1)
-            votes = kernels.window_scores(
-                query, key, scaling=scaling or query.shape[-1] ** -0.5, query_offset=num_keys - query.shape[2],
-                key_valid=key_valid, reduction="max", implementation=self.config.scoring_implementation,
-            )
-            step = num_keys - length - 1
-            self.decode_steps[step] = _running_max(self.decode_steps.get(step), votes.amax(1)[:, :length])
-
-    def combine(self, lookahead_valid: torch.Tensor) -> torch.Tensor:
-        scores = self.prefill
-        for step, votes in self.decode_steps.items():
-            voted = lookahead_valid[:, step].to(votes.device)[:, None]  # tokens after a row's EOS do not vote
-            scores = torch.maximum(scores, votes * voted)
-        return scores.masked_fill(~self.prompt_mask.to(scores.device), 0.0)
-
-
-def _running_max(current, new):
-    return new.float() if current is None else torch.maximum(current, new.float())
-
-
 class SpecPCPreprocessor:
     """Compresses prompts with SpecPC: the draft reads each prompt once and its attention picks the tokens to keep.
 
@@ -138,10 +85,20 @@ class SpecPCPreprocessor:
 
     Works on left-padded, ragged batches: every row is compressed on its own and the results are re-padded on the left.
 
+    The preprocessor is a composition (the prompt side's contract, as the KV side's scorer + query source + policy):
+    a **token scorer** ([`TokenScorer`], SpecPC's [`DraftWindowAttention`] by default) scores every prompt token, and
+    a **token selector** ([`TokenSelector`], SpecPC's [`NeighbourExpansion`] by default) keeps the budget; the
+    preprocessor checks the prompt, protects what must never be dropped and re-pads the result. SpecPrefill and the
+    draft-free controls are other compositions ([`SpecPrefillPreprocessor`], [`RecencyPreprocessor`],
+    [`RandomPreprocessor`]); a method of your own passes its scorer or selector here.
+
     Args:
-        draft (`PreTrainedModel`): the draft model (same tokenizer as the target).
+        draft (`PreTrainedModel`): the draft model (same tokenizer as the target); `None` for a token scorer that
+            needs none.
         config ([`SpecPCConfig`], *optional*): all knobs at once; or pass them as keyword arguments.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): needed only for [`~SpecPCPreprocessor.compress_text`].
+        token_scorer ([`TokenScorer`], *optional*): how tokens are scored; defaults to SpecPC's.
+        token_selector ([`TokenSelector`], *optional*): how the kept tokens are chosen; defaults to SpecPC's.
 
     Example:
 
@@ -153,12 +110,13 @@ class SpecPCPreprocessor:
     ```
     """
 
-    # Controls without a draft (recency, random: prompt_baselines.py) set this to False and score tokens otherwise.
-    _uses_draft = True
-
-    def __init__(self, draft, config: SpecPCConfig | None = None, tokenizer=None, **config_kwargs):
+    def __init__(self, draft, config: SpecPCConfig | None = None, tokenizer=None, *,
+                 token_scorer: TokenScorer | None = None, token_selector: TokenSelector | None = None,
+                 **config_kwargs):
         self.config = resolve_config(SpecPCConfig, config, config_kwargs)
-        if self._uses_draft:
+        self.token_scorer = token_scorer if token_scorer is not None else DraftWindowAttention()
+        self.token_selector = token_selector if token_selector is not None else NeighbourExpansion()
+        if self.token_scorer.needs_draft:
             if draft is None:
                 raise ValueError(
                     f"{type(self).__name__} needs `draft=` (a small model of the target's family); its attention "
@@ -166,7 +124,8 @@ class SpecPCPreprocessor:
                 )
             draft = unwrap_adapters(draft, role="draft")
         elif draft is not None:
-            raise ValueError(f"{type(self).__name__} uses no draft; do not pass one.")
+            raise ValueError(f"{type(self).__name__} uses no draft ({type(self.token_scorer).__name__} scores the "
+                             "tokens); do not pass one.")
         self.draft = draft
         self.tokenizer = tokenizer
         if self.config.kernel_size is None:  # the released per-family value, stored where it can be read and edited
@@ -238,35 +197,12 @@ class SpecPCPreprocessor:
         attention_mask = self._check_inputs(input_ids, attention_mask, protected_mask)
         valid = attention_mask.bool()
         start = time.perf_counter()
-        scores, draft_tokens, draft_valid = self._token_scores(input_ids, attention_mask)
+        scored = self.token_scorer.score(self.draft, input_ids, attention_mask, self.config)
         draft_seconds = time.perf_counter() - start
-        keep = self._select(scores, valid, self._protected(input_ids, valid, protected_mask))
-        return _gather_left_padded(input_ids, valid, keep, draft_tokens, draft_valid, scores, draft_seconds,
-                                   pad_id=_pad_id(self.draft))
-
-    def _token_scores(self, input_ids, attention_mask):
-        """The draft's vote for every prompt position, `(batch, length)`, and its greedy tokens."""
-        votes = _DraftVotes(self.config, attention_mask)
-        with observing(self.draft, votes):
-            draft_tokens, draft_valid = generate_lookahead(
-                self.draft, input_ids, attention_mask, self.config.lookahead_tokens, deduplicate=False,
-                decoding=self.config.lookahead_decoding,
-            )
-        if votes.prefill is None:
-            raise ValueError(
-                "The draft's attention never reached hf_specapprox's scoring wrapper; the draft must use transformers' "
-                "`AttentionInterface` (all current transformers text models do)."
-            )
-        return votes.combine(draft_valid).to(input_ids.device), draft_tokens, draft_valid
-
-    def _select(self, scores, valid, protected):
-        """The kept positions, `(batch, length)` bool."""
-        config = self.config
-        return specpc_keep_mask(
-            scores, valid, max_capacity_prompt=config.max_capacity_prompt, window_size=config.window_size,
-            kernel_size=config.kernel_size, neighbor_tokens=config.neighbours, pool_type=config.pool_type,
-            protected=protected,
-        )
+        keep = self.token_selector.select(scored.scores, valid, self._protected(input_ids, valid, protected_mask),
+                                          self.config)
+        return _gather_left_padded(input_ids, valid, keep, scored.draft_tokens, scored.draft_tokens_valid,
+                                   scored.scores, draft_seconds, pad_id=_pad_id(self.draft))
 
     def compress_text(self, text, *, separator: str | None = None, **kwargs):
         """Compresses one string or a list of strings with the tokenizer given at construction.
