@@ -44,7 +44,7 @@ import transformers  # noqa: E402
 
 import hf_specapprox as hs  # noqa: E402
 from hf_specapprox import compat  # noqa: E402
-from hf_specapprox_eval.conversations import (METHODS, MODES, conversation_table, run_conversations,  # noqa: E402
+from hf_specapprox_eval.conversations import (CONVERSATION_METHODS, CONVERSATION_MODES, conversation_table, run_conversations,  # noqa: E402
                                               summarize_conversations)
 
 
@@ -153,7 +153,7 @@ def kv_bound(args) -> int:
 
 
 def _bytes(cache) -> int:
-    if isinstance(cache, hs.PromptCompressionCache):
+    if isinstance(cache, hs.KVCompressionCache):
         return cache.cache_bytes()
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers
                if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4)
@@ -165,8 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny random models")
     parser.add_argument("--target")
     parser.add_argument("--draft")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--modes", nargs="+", default=list(CONVERSATION_MODES), choices=CONVERSATION_MODES)
+    parser.add_argument("--methods", nargs="+", default=list(CONVERSATION_METHODS), choices=CONVERSATION_METHODS)
     parser.add_argument("--lengths", nargs="+", type=int, default=[2048])
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--budget", type=int, default=None, help="KV budget (128; 1024 with --kv-bound)")

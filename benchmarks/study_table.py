@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from hf_specapprox_eval import METHODS, read_results
+from hf_specapprox_eval import HARNESS_METHODS as METHODS, read_results
 
 NAMES = {"full": "full target", "draft": "draft alone", "speckv": "SpecKV", "snapkv": "SnapKV",
          "streamingllm": "StreamingLLM", "knorm": "Knorm", "specpc": "SpecPC", "specprefill": "SpecPrefill",

@@ -20,8 +20,8 @@ def main(argv=None):
                      starting_layer_index=1 if not args.target else 8),
         SpecKVConfig(max_capacity_prompt=64, window_size=16),
     )
-    out, compressed = cascade.generate(target, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=12,
-                                       do_sample=False)
+    compressed, out = cascade.compress_and_generate(target, inputs["input_ids"], inputs["attention_mask"],
+                                                    max_new_tokens=12, do_sample=False)
     print(f"prompt {compressed.stats['original_tokens'][0]} tokens -> SpecPC kept "
           f"{compressed.stats['kept_tokens'][0]} -> SpecKV keeps 64 per layer and KV head")
     print("answer:", tokenizer.decode(out[0, compressed.input_ids.shape[1]:], skip_special_tokens=True))

@@ -3,7 +3,7 @@
 from .kv.baselines import SnapKVCache, StreamingLLMCache
 from .kv.binding import bind, is_bound, unbind
 from .cascade import SpecKVPC
-from .kv.cache import CacheInUseError, PromptCompressionCache, UnboundCacheError
+from .kv.cache import CacheInUseError, KVCompressionCache, UnboundCacheError
 from .kv.context import RetainedContext
 from .kv.layers import CompressedKVLayer
 from .kv.static_layers import StaticCacheOverflowError, StaticCompressedLayer
@@ -24,6 +24,20 @@ from .prompt.specpc import SpecPCOutput, SpecPCPreprocessor
 
 __version__ = "0.1.0"
 
+#: Public names renamed in 0.2, kept for one minor version: old name -> (new name, the new object).
+_RENAMED = {"PromptCompressionCache": ("KVCompressionCache", KVCompressionCache)}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        new, value = _RENAMED[name]
+        warnings.warn(f"`hf_specapprox.{name}` is renamed `hf_specapprox.{new}`; the old name will be removed in the "
+                      "next minor version.", FutureWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module 'hf_specapprox' has no attribute {name!r}")
+
 __all__ = [
     "AttentionScorer",
     "AttentionSelectionConfig",
@@ -39,7 +53,7 @@ __all__ = [
     "KnormCache",
     "KnormConfig",
     "NeighbourExpansion",
-    "PromptCompressionCache",
+    "KVCompressionCache",
     "QuerySource",
     "RandomPreprocessor",
     "RandomTokenScores",

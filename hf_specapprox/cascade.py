@@ -3,12 +3,15 @@ tokens as SpecKV's lookahead, so the draft runs once."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
 
 from .modeling.adapters import unwrap_adapters
+from . import compat
 from .config import SpecKVConfig, SpecPCConfig
+from .modeling.draft import check_draft_compatible
 from .modeling.distributed import computed_on_first_rank
 from .kv.speckv import SpecKVCache
 from .prompt.specpc import SpecPCOutput, SpecPCPreprocessor
@@ -35,6 +38,7 @@ class SpecKVPC:
     >>> cascade = SpecKVPC(draft)
     >>> compressed, cache = cascade(inputs["input_ids"], inputs["attention_mask"], model=target)
     >>> out = target.generate(**compressed.model_inputs, past_key_values=cache, max_new_tokens=64)
+    >>> compressed, out = cascade.compress_and_generate(target, inputs["input_ids"], inputs["attention_mask"])
     ```
     """
 
@@ -51,8 +55,6 @@ class SpecKVPC:
             model (`PreTrainedModel`, *optional*): the target, bound and checked against the draft if given.
         """
         if model is not None:
-            from .modeling.draft import check_draft_compatible
-
             check_draft_compatible(self.draft, model)
         # A tensor-parallel target: the first rank of its group compresses, the others receive the same prompt.
         compressed = computed_on_first_rank(
@@ -65,11 +67,23 @@ class SpecKVPC:
         )
         return compressed, cache
 
-    def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
-        """SpecPC, then `model.generate` on the compressed prompt with the SpecKV cache. Returns `generate`'s output
-        (its sequences start with the compressed prompt) and the [`SpecPCOutput`]."""
-        compressed, cache = self(input_ids, attention_mask, model=model)
-        from . import compat
+    def compress_and_generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              **generate_kwargs):
+        """SpecPC, then `model.generate` on the compressed prompt with the SpecKV cache.
 
+        Returns:
+            `(compressed, output)`, in the order of [`__call__`]: the [`SpecPCOutput`] and `generate`'s output (its
+            sequences start with the compressed prompt).
+        """
+        compressed, cache = self(input_ids, attention_mask, model=model)
         generate_kwargs[compat.cache_kwarg_name(model)] = cache
-        return model.generate(**compressed.model_inputs, **generate_kwargs), compressed
+        return compressed, model.generate(**compressed.model_inputs, **generate_kwargs)
+
+    def generate(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
+        """Deprecated: returns `(output, compressed)`, the other order than [`__call__`]'s; use
+        [`compress_and_generate`], which returns `(compressed, output)`."""
+        warnings.warn("`SpecKVPC.generate` is replaced by `SpecKVPC.compress_and_generate`, which returns "
+                      "`(compressed, output)` (the order of `SpecKVPC.__call__`); `generate` will be removed in the next "
+                      "minor version.", FutureWarning, stacklevel=2)
+        compressed, output = self.compress_and_generate(model, input_ids, attention_mask, **generate_kwargs)
+        return output, compressed

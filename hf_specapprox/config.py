@@ -500,9 +500,18 @@ class SpecPCConfig(ConfigMixin):
         _check_choice("scoring_implementation", self.scoring_implementation, SCORING_IMPLEMENTATIONS)
 
     @property
-    def neighbours(self) -> int | None:
-        """Neighbours kept around each selected token: `neighbor_tokens`, else `kernel_size` (`None` until resolved)."""
+    def resolved_neighbor_tokens(self) -> int | None:
+        """Tokens kept around each selected token: `neighbor_tokens`, else `kernel_size` (`None` until resolved)."""
         return self.neighbor_tokens or self.kernel_size
+
+    @property
+    def neighbours(self) -> int | None:
+        """Deprecated name of [`resolved_neighbor_tokens`]."""
+        import warnings
+
+        warnings.warn("`SpecPCConfig.neighbours` is renamed `resolved_neighbor_tokens`; the old name will be removed in "
+                      "the next minor version.", FutureWarning, stacklevel=2)
+        return self.resolved_neighbor_tokens
 
 
 #: SpecPC's pooling kernel (and neighbours) per draft family in the released configs (`cfg/paper/specpc/**`).

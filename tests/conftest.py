@@ -37,11 +37,11 @@ def _count_the_native_prepare_prefill_hook():
         return
     from hf_specapprox import compat
     from hf_specapprox.kv import binding
-    from hf_specapprox.kv.cache import PromptCompressionCache
+    from hf_specapprox.kv.cache import KVCompressionCache
 
     assert compat.has_native_prepare_prefill(), (
         "HF_SPECAPPROX_UPSTREAM=1 needs transformers patched with upstream/*.patch (`Cache.prepare_prefill`)")
-    original_prepare = PromptCompressionCache.prepare_prefill
+    original_prepare = KVCompressionCache.prepare_prefill
     original_wrapper_init = binding._BoundGenerate.__init__
     original_binding_init = binding._Binding.__init__
 
@@ -60,13 +60,13 @@ def _count_the_native_prepare_prefill_hook():
         _UPSTREAM_COUNTS["forward pre-hooks"] += hook is not None
         original_binding_init(self, hook, *args, **kwargs)
 
-    PromptCompressionCache.prepare_prefill = counted_prepare
+    KVCompressionCache.prepare_prefill = counted_prepare
     binding._BoundGenerate.__init__ = counted_wrapper_init
     binding._Binding.__init__ = counted_binding_init
     try:
         yield
     finally:
-        PromptCompressionCache.prepare_prefill = original_prepare
+        KVCompressionCache.prepare_prefill = original_prepare
         binding._BoundGenerate.__init__ = original_wrapper_init
         binding._Binding.__init__ = original_binding_init
 
@@ -74,7 +74,7 @@ def _count_the_native_prepare_prefill_hook():
 def _upstream_violations() -> list[str]:
     problems = []
     if _UPSTREAM_COUNTS["native hook calls"] == 0:
-        problems.append("transformers' generate never called PromptCompressionCache.prepare_prefill")
+        problems.append("transformers' generate never called KVCompressionCache.prepare_prefill")
     for name in ("generate wrappers", "forward pre-hooks"):
         if _UPSTREAM_COUNTS[name]:
             problems.append(f"bind installed binding hooks ({name}: {_UPSTREAM_COUNTS[name]})")

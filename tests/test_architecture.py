@@ -122,7 +122,7 @@ def test_reset_keeps_the_layers_and_deepcopy_needs_no_special_code():
     cache.prepare_prefill(target, ids, {"attention_mask": mask})
     copied = copy.deepcopy(cache)
     assert copied.draft is draft and copied.layers[0].keys is not cache.layers[0].keys
-    assert "__deepcopy__" not in vars(type(cache)) and "__deepcopy__" not in vars(hs.PromptCompressionCache)
+    assert "__deepcopy__" not in vars(type(cache)) and "__deepcopy__" not in vars(hs.KVCompressionCache)
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ def test_speckv_pc_reuses_specpc_draft_tokens_and_matches_oracle(models):
     handle = draft.register_forward_pre_hook(lambda *a: calls.append(1))
     cascade = hs.SpecKVPC(draft, hs.SpecPCConfig(**SPECPC), hs.SpecKVConfig(**SPECKV))
     ids, mask = random_batch(2, 60, [0, 11], seed=3)
-    out, compressed = cascade.generate(target, ids, mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                                       pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    compressed, out = cascade.compress_and_generate(target, ids, mask, max_new_tokens=3, min_new_tokens=3,
+                                                    do_sample=False, pad_token_id=0, output_logits=True,
+                                                    return_dict_in_generate=True)
     handle.remove()
     assert len(calls) <= SPECPC["lookahead_tokens"]  # one greedy pass of the draft, during SpecPC only
     cache = out.past_key_values

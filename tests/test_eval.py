@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hf_specapprox_eval import cli
-from hf_specapprox_eval import (METHODS, TASKS, make_sample, markdown_table, plot, read_results, run_eval, score,
+from hf_specapprox_eval import (HARNESS_METHODS as METHODS, TASKS, make_sample, markdown_table, plot, read_results, run_eval, score,
                                 summarize)
 from hf_specapprox_eval import runner as runner_module
 from hf_specapprox.testing import tiny_pair, tiny_tokenizer

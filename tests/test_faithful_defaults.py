@@ -152,7 +152,7 @@ def test_specpc_kernel_resolves_per_draft_family_and_selects_accordingly():
     # and its neighbours come nearest first (offsets 0, -1, +1, ..., from -(k-1)//2 to k//2).
     # k = 32: token 84 brings 69..100 (32), then plateau tokens 85..115 one new position each, 101..131 (31).
     llama = spiked_specpc("llama")
-    assert llama.config.kernel_size == 32 and llama.config.neighbours == 32
+    assert llama.config.kernel_size == 32 and llama.config.resolved_neighbor_tokens == 32
     assert llama(ids, mask).kept_indices[0].tolist() == list(range(69, 132)) + window
     # k = 64: token 68 alone brings 63 positions, offsets 0, -1, +1, ..., -31, +31: 37..99.
     qwen = spiked_specpc("qwen2")

@@ -251,3 +251,20 @@ def test_row_operations_on_an_empty_cache_are_no_ops(models):
         cache.reorder_cache(torch.tensor([0]))
         cache.batch_select_indices(torch.tensor([0]))
         assert cache.get_seq_length() == 0
+
+
+# Issue 24, item 7: renamed public names keep a deprecated alias for one minor version -----------------------------
+def test_renamed_public_names_still_work_with_a_future_warning():
+    with pytest.warns(FutureWarning, match="KVCompressionCache"):
+        assert hs.PromptCompressionCache is hs.KVCompressionCache
+    with pytest.warns(FutureWarning, match="resolved_neighbor_tokens"):
+        assert hs.SpecPCConfig(kernel_size=5).neighbours == 5
+    target, draft = hs.bind(tiny_model("llama", seed=81)), tiny_model("llama", seed=82, num_layers=1)
+    ids, mask = random_batch(1, 40, [0], seed=83)
+    cascade = hs.SpecKVPC(draft, hs.SpecPCConfig(max_capacity_prompt=24, window_size=4, kernel_size=3,
+                                                 starting_layer_index=0, lookahead_tokens=3),
+                          hs.SpecKVConfig(max_capacity_prompt=12, window_size=3))
+    compressed, out = cascade.compress_and_generate(target, ids, mask, max_new_tokens=3, do_sample=False)
+    with pytest.warns(FutureWarning, match="compress_and_generate"):
+        old_out, old_compressed = cascade.generate(target, ids, mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(old_out, out) and torch.equal(old_compressed.input_ids, compressed.input_ids)

@@ -168,7 +168,7 @@ def test_a_composition_of_public_parts_equals_the_oracle():
     ids, mask = random_batch(2, 30, [0, 4], seed=19)
     config = hs.SpecKVConfig(max_capacity_prompt=10, window_size=2, lookahead_tokens=3, layer_budgets="pyramid")
     for scorer in (hs.KeyNormScorer(), LastQueryScorer()):
-        cache = hs.PromptCompressionCache(config, model=target, scorer=scorer, query_source=hs.DraftPreview(draft))
+        cache = hs.KVCompressionCache(config, model=target, scorer=scorer, query_source=hs.DraftPreview(draft))
         out = generate(target, {"input_ids": ids, "attention_mask": mask}, cache)
         assert cache.lookahead_ids.shape[1] > 0
         assert_matches_oracle(target, cache, ids, mask, out)
@@ -206,12 +206,12 @@ def test_a_scorer_of_the_wrong_shape_is_refused_with_the_expected_shape():
 
     target = tiny_model("llama", seed=23, num_layers=2)
     ids, mask = random_batch(1, 20, [0], seed=24)
-    cache = hs.PromptCompressionCache(hs.KVSelectionConfig(max_capacity_prompt=8), scorer=Flat())
+    cache = hs.KVCompressionCache(hs.KVSelectionConfig(max_capacity_prompt=8), scorer=Flat())
     with pytest.raises(ValueError, match=r"one score per \(batch row, KV head, candidate\)"):
         cache.prepare_prefill(target, ids, {"attention_mask": mask})
     assert not cache.layers
     with pytest.raises(ValueError, match="has no scorer"):
-        hs.PromptCompressionCache(max_capacity_prompt=8).prepare_prefill(target, ids, {"attention_mask": mask})
+        hs.KVCompressionCache(max_capacity_prompt=8).prepare_prefill(target, ids, {"attention_mask": mask})
 
 
 def test_knorm_and_layer_wise_budgets_through_the_pipeline_per_call():

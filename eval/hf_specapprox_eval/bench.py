@@ -114,15 +114,15 @@ def run_bench(methods, *, target=None, draft=None, tiny=False, length=2048, budg
     Returns:
         One row per method, with `seconds_vs_full` and `added_rss_vs_full` ratios.
     """
-    from .methods import METHODS
+    from .methods import HARNESS_METHODS
 
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(HARNESS_METHODS))
     if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
+        raise ValueError(f"Unknown methods {unknown}; choose from {sorted(HARNESS_METHODS)}.")
     order = ["full"] + [method for method in methods if method != "full"]
     rows = []
     for method in order:
-        kind = METHODS[method]
+        kind = HARNESS_METHODS[method]
         job = dict(method=method, target=target, draft=draft, tiny=tiny, length=length, task=task, threads=threads, device=device,
                    budget=None if kind is None else (budget if kind == "kv" else pc_budget),
                    pc_budget=pc_budget, max_new_tokens=max_new_tokens)

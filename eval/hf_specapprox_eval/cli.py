@@ -260,7 +260,7 @@ def cmd_compress(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import METHODS, TASKS
+    from . import HARNESS_METHODS, TASKS
 
     parser = argparse.ArgumentParser(prog="hf-specapprox", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="the offline evaluation harness")
     _add_model_args(evaluate)
     evaluate.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "vt", "qa"], choices=TASKS)
-    evaluate.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv"], choices=sorted(METHODS))
+    evaluate.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv"], choices=sorted(HARNESS_METHODS))
     evaluate.add_argument("--budgets", nargs="+", type=positive_int, default=[128, 256], help="KV budgets")
     evaluate.add_argument("--prompt-budgets", nargs="+", type=positive_int, default=[512, 1024],
                           help="prompt budgets of SpecPC and SpecPrefill")
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="seconds and peak memory per method, each in a fresh process")
     _add_model_args(bench)
     bench.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv", "specpc", "speckv_pc"],
-                       choices=sorted(METHODS))
+                       choices=sorted(HARNESS_METHODS))
     bench.add_argument("--task", default="niah_single", choices=TASKS)
     bench.add_argument("--length", type=positive_int, default=2048)
     bench.add_argument("--budget", type=positive_int, default=128, help="KV budget")

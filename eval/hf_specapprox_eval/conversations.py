@@ -40,8 +40,8 @@ from hf_specapprox import compat
 from .metrics import string_match_part
 from .tasks import WORDS, _haystack_units, _key, _number
 
-MODES = ("multi_turn", "multi_request")
-METHODS = ("full", "speckv_fresh", "speckv_continued", "speckv_retained", "snapkv_context", "knorm_context",
+CONVERSATION_MODES = ("multi_turn", "multi_request")
+CONVERSATION_METHODS = ("full", "speckv_fresh", "speckv_continued", "speckv_retained", "snapkv_context", "knorm_context",
            "streamingllm_context")
 _MARKERS = ("\u2460DOC\u2460", "\u2461ANSWER\u2461", "\u2462NEXT\u2462")
 
@@ -87,8 +87,8 @@ def make_conversation(mode: str, index: int, tokenizer, context_tokens: int, *, 
                       seed: int = 0) -> Conversation:
     """Conversation `index` of `mode` (deterministic in its arguments): a haystack of about `context_tokens` tokens with
     one fact per question at random depths, and the questions in a random order."""
-    if mode not in MODES:
-        raise ValueError(f"Unknown conversation mode {mode!r}; choose from {MODES}.")
+    if mode not in CONVERSATION_MODES:
+        raise ValueError(f"Unknown conversation mode {mode!r}; choose from {CONVERSATION_MODES}.")
     rng = random.Random(f"{mode}/{index}/{seed}/{context_tokens}")
     facts = []
     for _ in range(questions):
@@ -213,8 +213,8 @@ def greedy_generate(target, ids, cache, max_new_tokens):
 def run_conversation(conversation: Conversation, method: str, target, draft, tokenizer, *, budget: int,
                      max_new_tokens: int, generate=greedy_generate) -> list[dict]:
     """Every turn (or request) of one conversation with one method: one row each."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
+    if method not in CONVERSATION_METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {CONVERSATION_METHODS}.")
     asker = _Asker(method, conversation.mode, target, draft, conversation.context_ids, budget=budget,
                    max_new_tokens=max_new_tokens, generate=generate)
     stop_ids = [tokenizer.eos_token_id] + ([tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else [])
@@ -329,6 +329,6 @@ def conversation_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METHODS", "MODES", "Conversation", "Question", "chat_pieces", "make_conversation", "run_conversation",
+__all__ = ["CONVERSATION_METHODS", "CONVERSATION_MODES", "Conversation", "Question", "chat_pieces", "make_conversation", "run_conversation",
            "run_conversations",
            "summarize_conversations", "conversation_table"]

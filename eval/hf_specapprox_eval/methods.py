@@ -31,7 +31,7 @@ def _offers(spec, variant: str) -> bool:
 #: name -> what its budget means ("kv": KV pairs per layer and head, "prompt": prompt tokens, None: no budget): every
 #: method of the registry (`hf_specapprox.integrations.registry`), the variants of its KV methods ([`KV_VARIANTS`]), and `draft`
 #: (the draft model answering alone, a reference).
-METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()},
+HARNESS_METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()},
            **{f"{name}+{variant}": "kv" for name, spec in REGISTRY.items() for variant in KV_VARIANTS
               if _offers(spec, variant)}}
 
@@ -125,8 +125,8 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     Returns:
         `(new_tokens, stats)`: `(batch, n)` answer token ids and a dict of numbers.
     """
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; choose from {sorted(METHODS)}.")
+    if name not in HARNESS_METHODS:
+        raise ValueError(f"Unknown method {name!r}; choose from {sorted(HARNESS_METHODS)}.")
     stats = {}
     if name == "draft":
         sequences = _greedy(draft, input_ids, attention_mask, max_new_tokens)
@@ -151,3 +151,13 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     if prepared.cache is not None:
         stats["kv_bytes"] = prepared.cache.cache_bytes()
     return sequences[:, prepared.input_ids.shape[1] :], stats
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # renamed in 0.2 (three modules had a `METHODS` of three types)
+        import warnings
+
+        warnings.warn("`hf_specapprox_eval.methods.METHODS` is renamed `HARNESS_METHODS`; the old name will be removed "
+                      "in the next minor version.", FutureWarning, stacklevel=2)
+        return HARNESS_METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers.utils.logging import tqdm
 
-from .methods import METHODS, run_method
+from .methods import HARNESS_METHODS, run_method
 from .metrics import score
 from .tasks import make_samples
 
@@ -72,9 +72,9 @@ def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengt
     Returns:
         All rows of `out_path` and its shard files for the requested grid.
     """
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(HARNESS_METHODS))
     if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose from {sorted(METHODS)}.")
+        raise ValueError(f"Unknown methods {unknown}; choose from {sorted(HARNESS_METHODS)}.")
     out_path = Path(out_path)
     write_path = shard_path(out_path, shard)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def run_eval(target, draft, tokenizer, *, tasks, methods, budgets, context_lengt
             if shard is not None and number % shard[1] != shard[0]:
                 continue
             for method in methods:
-                for budget in grid[METHODS[method]]:
+                for budget in grid[HARNESS_METHODS[method]]:
                     key = (sample.task, sample.index, length, method, budget)
                     if key not in done:
                         jobs.append((length, sample, method, budget))

@@ -9,15 +9,13 @@ from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessorList
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .. import compat
-from ..kv.cache import PromptCompressionCache
+from ..kv.cache import KVCompressionCache
 
 from ..modeling.draft import check_draft_compatible
 from .monitor import DraftAgreementMonitor
 from .registry import METHODS as REGISTRY
 from .registry import get_method
 
-#: The methods the pipeline runs: every registered one.
-METHODS = tuple(REGISTRY)
 TASK = "speckv-text-generation"
 STATS_KEY = "hf_specapprox"
 #: The config arguments the pipeline takes, at construction or per call: those of every registered method.
@@ -108,7 +106,7 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
         about one long context (`text_inputs`, a string) without prefilling the context again.
 
         With `questions` (a string, or a list of strings, each appended to the context as it is), a KV method
-        retains the context once (`PromptCompressionCache.retain_context`) and every question selects its own KV from
+        retains the context once (`KVCompressionCache.retain_context`) and every question selects its own KV from
         it (`"full"` reuses a `DynamicCache` of the context, as transformers' prompt-reuse recipe does); a
         prompt-compression method (`"specpc"`, `"specprefill"`, `"speckv_pc"`) answers each question over the whole
         text. Returns one output per question (the stock pipeline's output for `context + question`), or the one
@@ -194,7 +192,7 @@ class SpecApproxTextGenerationPipeline(TextGenerationPipeline):
 
         sequences = outputs["generated_sequence"]  # (batch, num_return_sequences, length)
         flat = sequences.reshape(-1, sequences.shape[-1])
-        ours = isinstance(cache, PromptCompressionCache)
+        ours = isinstance(cache, KVCompressionCache)
         compressed_kv = ours and cache.is_compressed
         agreement = None
         if monitor is not None and (not ours or (compressed_kv and cache.lookahead_ids is not None)):
@@ -224,7 +222,7 @@ def _takes_users_cache(spec, user_cache) -> bool:
     """Whether a method can use a cache the user passes for one call (as given, its own knobs apply)."""
     if spec.name == "full":
         return True
-    return spec.budget == "kv" and spec.name != "speckv_pc" and isinstance(user_cache, PromptCompressionCache)
+    return spec.budget == "kv" and spec.name != "speckv_pc" and isinstance(user_cache, KVCompressionCache)
 
 
 def _users_cache_error(spec, user_cache) -> str:
@@ -250,6 +248,17 @@ def _real_kept_per_row(cache, batch: int) -> list[int]:
     per_cache_row = torch.stack(counts).float().mean(0)
     copies = per_cache_row.shape[0] // batch
     return [int(round(float(per_cache_row[row * copies]))) for row in range(batch)]
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # removed in 0.2: the registry's `METHODS` is the one list of methods
+        import warnings
+
+        warnings.warn("`hf_specapprox.integrations.pipeline.METHODS` is removed: the pipeline runs every method of "
+                      "`hf_specapprox.integrations.registry.METHODS`; the old name goes in the next minor version.",
+                      FutureWarning, stacklevel=2)
+        return tuple(REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 PIPELINE_REGISTRY.register_pipeline(

@@ -44,7 +44,7 @@ class PreparedInputs:
         input_ids (`torch.Tensor`): `(batch, length)` ids for `generate` (shorter than the prompt after prompt
             compression; `generate`'s output then starts with these, not with the original prompt).
         attention_mask (`torch.Tensor`, *optional*): their mask.
-        cache ([`PromptCompressionCache`], *optional*): a fresh compressing cache for this request, or `None`.
+        cache ([`KVCompressionCache`], *optional*): a fresh compressing cache for this request, or `None`.
         compressed ([`SpecPCOutput`], *optional*): the prompt compressor's output (kept indices, draft tokens,
             numbers), or `None`.
         position_ids (`torch.Tensor`, *optional*): the kept tokens' original positions, for methods that keep them
@@ -139,7 +139,7 @@ def _kv_method(cache_for):
 
 
 def kv_method(name: str, cache_class, description: str) -> MethodSpec:
-    """A draft-free KV method: a [`PromptCompressionCache`] subclass whose config class is its `config_class`, taken
+    """A draft-free KV method: a [`KVCompressionCache`] subclass whose config class is its `config_class`, taken
     as `<name>_config` (defaults: the config class's own). One line in the registry's list of methods registers it."""
     argument = f"{name}_config"
     config_class = cache_class.config_class

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .cache import PromptCompressionCache
+from .cache import KVCompressionCache
 from ..config import SnapKVConfig, StreamingLLMConfig
 from .scorers import AttentionScorer, RecencyScorer
 
 
-class SnapKVCache(PromptCompressionCache):
+class SnapKVCache(KVCompressionCache):
     """SnapKV (Li et al., 2024; `snapkv/monkeypatch/snapkv_utils.py`): the last `window_size` prompt tokens score the
     earlier keys, no draft.
 
@@ -33,7 +33,7 @@ class SnapKVCache(PromptCompressionCache):
         return AttentionScorer.from_config(self.config)
 
 
-class StreamingLLMCache(PromptCompressionCache):
+class StreamingLLMCache(KVCompressionCache):
     """StreamingLLM (Xiao et al., 2023): keeps the first `num_sink_tokens` real tokens and the most recent ones.
 
     As kvpress's `StreamingLLMPress`: kept pairs keep their original positions (no key re-rotation to in-cache

@@ -4,7 +4,7 @@ The cache is data: its layers (`layers.py`, `static_layers.py`), a record of the
 optionally, a retained context (`context.py`). The behaviour lives in what it is composed of: a query source, a scorer
 and a selection policy, run by the prefill (`prefill.py`), after every refusal has been decided (`checks.py`).
 
-[`PromptCompressionCache.prepare_prefill`] is the explicit step (the shape of the upstream `Cache.prepare_prefill`
+[`KVCompressionCache.prepare_prefill`] is the explicit step (the shape of the upstream `Cache.prepare_prefill`
 hook): it fills the cache with the compressed first `L - 1` prompt positions, and stock `generate` then continues from
 it on any model, bound or not. A bound model (see [`bind`]) runs that step itself for every `generate` call whose ids
 do not continue what the cache consumed, so one cache object can serve many prompts (e.g. in a pipeline).
@@ -99,7 +99,7 @@ class _Claim:
         return _Claim()
 
 
-class PromptCompressionCache(Cache):
+class KVCompressionCache(Cache):
     """A transformers `Cache` that drops prompt KV pairs during the prefill: a composition of a scorer, a query
     source and a selection policy.
 
@@ -116,7 +116,7 @@ class PromptCompressionCache(Cache):
     config class and build their scorer; a composition of your own needs no subclass:
 
     ```python
-    >>> cache = PromptCompressionCache(AttentionSelectionConfig(max_capacity_prompt=256, layer_budgets="pyramid"),
+    >>> cache = KVCompressionCache(AttentionSelectionConfig(max_capacity_prompt=256, layer_budgets="pyramid"),
     ...                                scorer=KeyNormScorer(), query_source=DraftPreview(draft))
     ```
 
@@ -413,7 +413,7 @@ class PromptCompressionCache(Cache):
     # ----------------------------------------------------------------------------------------------------------------
     # A retained context
     # ----------------------------------------------------------------------------------------------------------------
-    def retain_context(self, model, input_ids: torch.Tensor, *, offload: bool = False) -> "PromptCompressionCache":
+    def retain_context(self, model, input_ids: torch.Tensor, *, offload: bool = False) -> "KVCompressionCache":
         """Prefills a long context once and keeps its full keys and values (the target's and, for SpecKV, the
         draft's), so that every later `generate` call whose ids start with it selects its own KV from it without
         prefilling the context again: multi-turn chat over one document (the same cache, one call per turn) or many

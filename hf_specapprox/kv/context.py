@@ -3,7 +3,7 @@
 Chat over a document, an agent over a repository, a service where many users ask about one corpus: one long
 context, many questions. A [`RetainedContext`] holds, read-only, the target's full keys and values of every layer over
 the context (and the draft's, when the method has a draft). A compressing cache that holds one (see
-`PromptCompressionCache.retain_context`) answers every `generate` call whose ids start with the context by:
+`KVCompressionCache.retain_context`) answers every `generate` call whose ids start with the context by:
 
 1. the draft continuing from its retained keys and values over the new tokens, and previewing the answer;
 2. the target running the new tokens plus the preview against the retained keys and values: every layer's voting rows

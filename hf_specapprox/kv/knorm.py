@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from .cache import PromptCompressionCache
+from .cache import KVCompressionCache
 from ..config import KVSelectionConfig
 from .scorers import KVScorer, ScorerInputs
 
@@ -38,7 +38,7 @@ class KeyNormScorer(KVScorer):
         return -inputs.candidate_keys.float().norm(dim=-1)
 
 
-class KnormCache(PromptCompressionCache):
+class KnormCache(KVCompressionCache):
     """A transformers `Cache` that keeps, per full-attention layer and KV head, the `max_capacity_prompt` prompt keys
     with the smallest L2 norm (Knorm; no draft, no queries). Same binding and `generate` support as
     [`SpecKVCache`].

@@ -1,6 +1,6 @@
 """The public scorer contract of the KV-compressing caches, and the scorers SpecKV, SnapKV and StreamingLLM use.
 
-A compressing cache is a composition (see [`PromptCompressionCache`]):
+A compressing cache is a composition (see [`KVCompressionCache`]):
 
 * a **query source** appends tokens after the prompt for the scoring forward (SpecKV: the draft's answer preview,
   [`~hf_specapprox.kv.query_sources.DraftPreview`]; SnapKV: nothing);

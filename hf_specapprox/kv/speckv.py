@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from .cache import PromptCompressionCache
+from .cache import KVCompressionCache
 from ..config import SpecKVConfig, resolve_config
 from .query_sources import DraftPreview
 from .scorers import AttentionScorer
 
 
-class SpecKVCache(PromptCompressionCache):
+class SpecKVCache(KVCompressionCache):
     """A transformers `Cache` that compresses the prompt's KV pairs with SpecKV during the prefill: the composition of
     the draft's preview ([`DraftPreview`]), the window-attention scorer ([`AttentionScorer`], max reduction,
     max-pool 7) and the window policy.

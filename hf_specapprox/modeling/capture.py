@@ -79,7 +79,7 @@ def fit_mask(attention_mask, key):
     """The last `key_length` columns of a 4-D mask built for more keys than this layer holds.
 
     transformers builds one mask for every full-attention layer from the sizes one cache layer reports; a compressing
-    cache with layer-wise budgets reports its widest layer's (`PromptCompressionCache.get_mask_sizes`), so a layer
+    cache with layer-wise budgets reports its widest layer's (`KVCompressionCache.get_mask_sizes`), so a layer
     holding fewer rows takes the mask's last columns: the same positions' mask as one built for its own size. Every
     transformers cache layer of 4.56 and later holds exactly as many keys as its mask has columns, so this changes
     nothing for them.

@@ -40,7 +40,7 @@ class NeighbourExpansion(TokenSelector):
     def select(self, scores, valid, protected, config) -> torch.Tensor:
         return specpc_keep_mask(
             scores, valid, max_capacity_prompt=config.max_capacity_prompt, window_size=config.window_size,
-            kernel_size=config.kernel_size, neighbor_tokens=config.neighbor_tokens or config.kernel_size,
+            kernel_size=config.kernel_size, neighbor_tokens=config.resolved_neighbor_tokens,
             pool_type=config.pool_type, protected=protected,
         )
 
