@@ -251,3 +251,48 @@ def test_cli_shards_under_torchrun(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())[0]["samples"] == 2
     with pytest.raises(SystemExit, match="No results"):
         cli.main(["eval", "--summarize-only", "--tasks", "cwe", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_demo_shows_the_memory_gain_and_progress_unless_quiet(capsys, monkeypatch, quiet):
+    """Issue 28, items 2 and 3: the demo's table has the KV cache size per method beside the time, and every long
+    step shows which method and which stage runs (on a terminal, unless `--quiet`)."""
+    from hf_specapprox_eval import progress
+
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True)
+    argv = ["demo", "--tiny", "--length", "300", "--budget", "32", "--pc-budget", "128", "--max-new-tokens", "4"]
+    assert cli.main(argv + (["--quiet"] if quiet else [])) == 0
+    captured = capsys.readouterr()
+    header, _, full, speckv = captured.out.splitlines()[1:5]
+    assert "KV cache MiB" in header and "| speckv | 32 |" in speckv
+    full_mib, speckv_mib = (float(row.split("|")[4]) for row in (full, speckv))
+    assert speckv_mib < full_mib and "SpecKV keeps" in captured.out
+    stages = ["[1/4] full", "[2/4] speckv", "draft preview", "target prefill"]
+    if quiet:
+        assert not any(stage in captured.err for stage in stages)
+    else:
+        assert all(stage in captured.err for stage in stages), captured.err
+
+
+@pytest.mark.parametrize("mode", ["multi_turn", "multi_request"])
+def test_conversations_retained_answers_equal_fresh_ones(mode, tmp_path):
+    """The harness's conversations (issue 25): every turn of SpecKV with the retained context answers as a fresh SpecKV
+    cache over the turn's whole ids does, and the CLI runs them."""
+    from hf_specapprox.testing import tiny_pair, tiny_tokenizer
+    import hf_specapprox as hs
+    from hf_specapprox_eval.conversations import make_conversation, run_conversation
+
+    target, draft = tiny_pair()
+    hs.bind(target)
+    tokenizer = tiny_tokenizer()
+    conversation = make_conversation(mode, 0, tokenizer, 500, questions=3)
+    assert conversation.context_ids.shape[1] > 64  # compressed at budget 32
+    answers = {method: [row["prediction"] for row in run_conversation(
+        conversation, method, target, draft, tokenizer, budget=32, max_new_tokens=4)]
+        for method in ("speckv_fresh", "speckv_retained")}
+    assert answers["speckv_retained"] == answers["speckv_fresh"]
+    assert cli.main(["chat-eval", "--tiny", "--modes", mode, "--methods", "full", "speckv_retained", "--budget", "32",
+                     "--lengths", "400", "--samples", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {row["method"] for row in rows} == {"full", "speckv_retained"}
+    assert "speckv_retained" in (tmp_path / "summary.md").read_text()

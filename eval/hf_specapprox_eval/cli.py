@@ -1,8 +1,9 @@
-"""`hf-specapprox`: env, demo, eval, bench, compress.
+"""`hf-specapprox`: env, demo, eval, chat-eval, bench, compress.
 
     hf-specapprox env                               # versions, devices, threads (for bug reports)
     hf-specapprox demo                              # full target vs SpecKV vs SpecPC vs SpecKV-PC on a long prompt
     hf-specapprox eval --tasks niah_single vt --methods full speckv snapkv --budgets 128 256 --lengths 2048
+    hf-specapprox chat-eval --methods full speckv_retained --lengths 2048  # many questions over one long context
     hf-specapprox bench --methods full speckv snapkv specpc --length 2048   # seconds + peak memory, fresh processes
     hf-specapprox compress notes.txt --budget 512   # SpecPC on a text file -> notes.compressed.txt + .stats.json
 
@@ -184,24 +185,68 @@ def cmd_demo(args) -> int:
     import torch
 
     from . import make_sample, run_method, score
+    from .progress import TokenProgress, say, stage_lines, wanted
 
+    show = wanted(args.quiet)
+    if not (args.tiny or args.target):
+        from .models import cache_dir
+
+        print(f"models: the embedded Qwen2.5-Coder pair (see docs/models.md), converted once into {cache_dir()} "
+              "(~9 GB; set HF_SPECAPPROX_CACHE to put it elsewhere); about 10 GB of RAM while it runs")
+    say(show, "loading the models ...")
     target, draft, tokenizer = _models(args)
     sample = make_sample("niah_single", 0, tokenizer, args.length)
     encoded = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False)
-    print(f"prompt: {encoded['input_ids'].shape[1]} tokens; question: the hidden number; answer {sample.answers}")
-    print("| method | budget | kept | seconds | answer | correct |\n|---|---|---|---|---|---|")
-    for method, budget in (("full", None), ("speckv", args.budget), ("specpc", args.pc_budget),
-                           ("speckv_pc", args.budget)):
+    prompt_tokens = encoded["input_ids"].shape[1]
+    print(f"prompt: {prompt_tokens} tokens; question: the hidden number; answer {sample.answers}")
+    methods = (("full", None), ("speckv", args.budget), ("specpc", args.pc_budget), ("speckv_pc", args.budget))
+    rows = []
+    for number, (method, budget) in enumerate(methods, 1):
+        say(show, f"[{number}/{len(methods)}] {method}" + (f" (budget {budget})" if budget else "") + " ...")
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), stage_lines(show):
+            progress = TokenProgress(args.max_new_tokens, f"{method}: decoding", enabled=show)
             tokens, stats = run_method(method, target, draft, encoded["input_ids"], encoded["attention_mask"],
-                                       budget=budget, max_new_tokens=args.max_new_tokens, pc_budget=args.pc_budget)
+                                       budget=budget, max_new_tokens=args.max_new_tokens, pc_budget=args.pc_budget,
+                                       streamer=progress)
         seconds = time.perf_counter() - start
         answer = tokenizer.decode(tokens[0], skip_special_tokens=True).strip().replace("\n", " ")
         kept = stats.get("kept_tokens", [None])[0] if method != "speckv" else f"{budget} KV/layer"
-        correct = score(answer, sample.answers, sample.metric) == 100
-        print(f"| {method} | {budget or '—'} | {kept or encoded['input_ids'].shape[1]} | {seconds:.1f} | "
-              f"{answer[:50]!r} | {'yes' if correct else 'no'} |")
+        rows.append((method, budget, kept or prompt_tokens, seconds, stats["kv_bytes"] / 2**20, answer,
+                     score(answer, sample.answers, sample.metric) == 100))
+    full_mib, full_seconds = rows[0][4], rows[0][3]
+    print("| method | budget | kept | KV cache MiB | vs full | seconds | vs full | answer | correct |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for method, budget, kept, seconds, mib, answer, correct in rows:
+        print(f"| {method} | {budget or '—'} | {kept} | {mib:.1f} | {mib / full_mib:.2f} | {seconds:.1f} | "
+              f"{seconds / full_seconds:.2f} | {answer[:50]!r} | {'yes' if correct else 'no'} |")
+    speckv = rows[1]
+    print(f"SpecKV keeps {speckv[4]:.1f} MiB of keys and values where the full target keeps {full_mib:.1f} MiB "
+          f"({full_mib / max(speckv[4], 1e-9):.0f}x less): the memory that decoding reads per token and that "
+          "batches share. It is also faster when the target's attention over the prompt dominates the time: on "
+          "CPUs measured here, from prompts of about 8-32K tokens on (docs/budgets.md, \"When SpecKV is faster\"); "
+          f"at {prompt_tokens} tokens the draft's preview costs more than it saves.")
+    return 0
+
+
+def cmd_chat_eval(args) -> int:
+    from .conversations import conversation_table, run_conversations, summarize_conversations
+    from .progress import stage_lines, wanted
+
+    target, draft, tokenizer = _models(args)
+    import hf_specapprox
+
+    hf_specapprox.bind(target)
+    out = Path(args.out)
+    with stage_lines(wanted(args.quiet)):
+        rows = run_conversations(target, draft, tokenizer, modes=args.modes, methods=args.methods, budget=args.budget,
+                                 context_lengths=args.lengths, num_samples=args.samples,
+                                 out_path=out / "results.jsonl", turns=args.turns, requests=args.requests,
+                                 max_new_tokens=args.max_new_tokens, haystack=args.haystack, seed=args.seed)
+    table = conversation_table(summarize_conversations(rows))
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    print(f"results: {out / 'results.jsonl'}")
     return 0
 
 
@@ -243,7 +288,11 @@ def cmd_compress(args) -> int:
 
     text = _read_text(args.file)  # bad files and paths fail before the models load
     paths = compress_output_paths(args.file, args.out, readable=args.readable is not None)
+    from .progress import say, wanted
+
+    say(wanted(args.quiet), "loading the draft (SpecPC needs no target) ...")
     draft, tokenizer = _draft_only(args)
+    say(wanted(args.quiet), f"compressing {args.file} to {args.budget} tokens ...")
     specpc = SpecPCPreprocessor(draft, tokenizer=tokenizer, max_capacity_prompt=args.budget,
                                 window_size=specpc_window(args.budget), starting_layer_index=voting_layer(draft))
     compressed_text, output = specpc.compress_text(text)
@@ -273,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=positive_int, default=128)
     demo.add_argument("--pc-budget", type=positive_int, default=512)
     demo.add_argument("--max-new-tokens", type=positive_int, default=24)
+    demo.add_argument("--quiet", action="store_true", help="no progress lines or bars (none when not a terminal)")
     demo.set_defaults(func=cmd_demo)
 
     evaluate = commands.add_parser("eval", help="the offline evaluation harness")
@@ -295,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
                           "merged on read); `auto` takes RANK/WORLD_SIZE from torchrun or accelerate launch")
     evaluate.set_defaults(func=cmd_eval)
 
+    from .conversations import CONVERSATION_METHODS, CONVERSATION_MODES
+
+    chat = commands.add_parser("chat-eval", help="many questions over one long context: multi-turn chats and "
+                               "multi-request services (see docs/chat.md)")
+    _add_model_args(chat)
+    chat.add_argument("--modes", nargs="+", default=list(CONVERSATION_MODES), choices=CONVERSATION_MODES)
+    chat.add_argument("--methods", nargs="+", default=["full", "speckv_fresh", "speckv_retained"],
+                      choices=CONVERSATION_METHODS)
+    chat.add_argument("--budget", type=positive_int, default=128, help="KV budget of every compressing method")
+    chat.add_argument("--lengths", nargs="+", type=positive_int, default=[2048])
+    chat.add_argument("--samples", type=positive_int, default=3, help="conversations per mode and length")
+    chat.add_argument("--turns", type=positive_int, default=3, help="questions of a multi-turn chat")
+    chat.add_argument("--requests", type=positive_int, default=4, help="questions of a multi-request context")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=32)
+    chat.add_argument("--haystack", choices=["noise", "essay"], default="noise")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--out", default="specapprox-chat-eval")
+    chat.add_argument("--quiet", action="store_true", help="no stage lines (none when not a terminal)")
+    chat.set_defaults(func=cmd_chat_eval)
+
     bench = commands.add_parser("bench", help="seconds and peak memory per method, each in a fresh process")
     _add_model_args(bench)
     bench.add_argument("--methods", nargs="+", default=["full", "speckv", "snapkv", "specpc", "speckv_pc"],
@@ -315,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prompt tokens kept (SpecPC's window is min(64, budget))")
     compress.add_argument("--out", help="compressed text (default: FILE with suffix .compressed.txt); "
                           "the stats go beside it, suffix .stats.json")
+    compress.add_argument("--quiet", action="store_true", help="no progress lines (none when not a terminal)")
     compress.add_argument("--readable", nargs="?", const=" … ", default=None, metavar="MARKER",
                           help="also write a text for people (suffix .readable.txt) with MARKER (default ' … ') "
                           "between the kept spans; the compressed text itself stays exactly the kept tokens")

@@ -329,6 +329,6 @@ def conversation_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONVERSATION_METHODS", "CONVERSATION_MODES", "Conversation", "Question", "chat_pieces", "make_conversation", "run_conversation",
+__all__ = ["Conversation", "Question", "chat_pieces", "make_conversation", "run_conversation",
            "run_conversations",
-           "summarize_conversations", "conversation_table"]
+           "summarize_conversations", "conversation_table", "CONVERSATION_METHODS", "CONVERSATION_MODES"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import fields, replace
 
 import torch
+from transformers import DynamicCache
 from transformers.utils import logging
+
+from hf_specapprox import compat
 
 from hf_specapprox.cascade import DEFAULT_SPECPC
 from hf_specapprox.config import SpecKVConfig, SpecPCConfig
@@ -109,9 +112,18 @@ def method_configs(name: str, draft, *, budget: int | None, max_new_tokens: int,
     return configs
 
 
+def kv_bytes(cache) -> int:
+    """Bytes of the keys and values a cache holds (a compressing cache's working layers, or a `DynamicCache`)."""
+    if hasattr(cache, "cache_bytes"):
+        return cache.cache_bytes()
+    return sum(tensor.numel() * tensor.element_size() for layer in cache.layers
+               for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+               if isinstance(tensor, torch.Tensor) and tensor.dim() == 4)
+
+
 @torch.no_grad()
 def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: int | None, max_new_tokens: int,
-               pc_budget: int = SPECKV_PC_PROMPT_BUDGET, window_size: int = 32):
+               pc_budget: int = SPECKV_PC_PROMPT_BUDGET, window_size: int = 32, streamer=None):
     """Runs one method on a (batch of) prompt(s).
 
     Args:
@@ -122,14 +134,18 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
         pc_budget: SpecKV-PC's first-stage prompt budget (2,048 as released).
         window_size: SpecKV/SnapKV window (lowered below the budget, with a warning).
 
+        streamer (`BaseStreamer`, *optional*): passed to the target's `generate` (a progress counter).
+
     Returns:
-        `(new_tokens, stats)`: `(batch, n)` answer token ids and a dict of numbers.
+        `(new_tokens, stats)`: `(batch, n)` answer token ids and a dict of numbers (`kv_bytes`: the keys and values
+        the target's cache held after the answer).
     """
     if name not in HARNESS_METHODS:
         raise ValueError(f"Unknown method {name!r}; choose from {sorted(HARNESS_METHODS)}.")
     stats = {}
+    extra = {} if streamer is None else {"streamer": streamer}
     if name == "draft":
-        sequences = _greedy(draft, input_ids, attention_mask, max_new_tokens)
+        sequences = _greedy(draft, input_ids, attention_mask, max_new_tokens, **extra)
         return sequences[:, input_ids.shape[1] :], stats
     base, _, variant = name.partition("+")
     spec = get_method(base)
@@ -142,14 +158,14 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
                    for argument, config in configs.items()}
     prepared = spec.build(draft if spec.uses_draft else None, **configs)(target, input_ids, attention_mask)
     inputs = prepared.model_inputs  # position_ids too, for a method that keeps original positions (SpecPrefill)
+    cache = prepared.cache if prepared.cache is not None else DynamicCache()  # measured either way
     sequences = _greedy(target, inputs.pop("input_ids"), inputs.pop("attention_mask", None), max_new_tokens,
-                        **inputs, **prepared.cache_kwargs(target))
+                        **inputs, **{compat.cache_kwarg_name(target): cache}, **extra)
     if prepared.compressed is not None:
         stats["kept_tokens"] = prepared.compressed.kept_lengths.tolist()
         if prepared.cache is None:
             stats["draft_seconds"] = prepared.compressed.draft_seconds
-    if prepared.cache is not None:
-        stats["kv_bytes"] = prepared.cache.cache_bytes()
+    stats["kv_bytes"] = kv_bytes(cache)
     return sequences[:, prepared.input_ids.shape[1] :], stats
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
+from transformers.utils import logging
 
 from .. import compat
 from ..kernels import sparse_attention
@@ -33,6 +34,8 @@ from ..modeling.capture import AttentionObserver, layer_index, observing
 from .layers import CompressedKVLayer, build_layers
 from .policies import SelectionPolicy
 from .scorers import KVScorer, ScorerInputs
+
+logger = logging.get_logger(__name__)
 
 
 def uses_sparse_prefill(config, num_tokens: int) -> bool:
@@ -223,6 +226,10 @@ def compressing_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Te
     prompt_length = input_ids.shape[1]
     if prompt_length <= config.max_capacity_prompt:
         return PrefillResult(layers, compressed=False)
+    start = 0 if context is None else context.length
+    if query_source.max_tokens(config):
+        logger.info(f"draft preview: up to {query_source.max_tokens(config)} tokens after {prompt_length - start} "
+                    "new prompt tokens")
     if context is not None:
         lookahead_ids, lookahead_valid = query_source.tokens_after_context(model, input_ids, attention_mask, config,
                                                                            context)
@@ -232,7 +239,6 @@ def compressing_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Te
     lookahead_valid = lookahead_valid.to(attention_mask.device)
     token_valid = torch.cat([attention_mask.bool(), lookahead_valid.bool()], dim=1)
     position_ids = (token_valid.long().cumsum(-1) - 1).clamp(min=0)
-    start = 0 if context is None else context.length
     sparse = context is None and uses_sparse_prefill(config, token_valid.shape[1])
     observer = _PrefillObserver(layers, scorer, policy, config, prompt_length, token_valid, start, sparse)
     cache = _ScoringForwardCache(layers, observer, prefix=None if context is None else context.target_layer,
@@ -247,6 +253,8 @@ def compressing_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Te
             **{compat.cache_kwarg_name(backbone): cache},
         )
     observer.check_complete()
+    logger.info(f"target prefill: {token_valid.shape[1] - start} tokens scored{' (sparse)' if sparse else ''}; every "
+                f"layer keeps {config.max_capacity_prompt} of {prompt_length - 1} prompt positions per KV head")
     prompt_keys = None
     if keep_prompt_from is not None:
         prompt_keys = [cache.prompt_keys[index] for index in range(len(layers))]
