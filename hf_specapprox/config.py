@@ -202,15 +202,28 @@ class KVSelectionConfig(ConfigMixin):
     """
 
     method: ClassVar[str] = "kv_selection"
+    #: Whether `max_capacity_prompt=None` (keep every prompt position) is allowed: SpecKV's sparse prefill only.
+    allows_keep_all: ClassVar[bool] = False
 
-    max_capacity_prompt: int = 1024
+    max_capacity_prompt: int | None = 1024
     layer_budgets: str = "uniform"
     pyramid_beta: int = 20
+
+    @property
+    def keeps_all(self) -> bool:
+        """Whether every prompt position is kept (`max_capacity_prompt=None`: the sparse prefill without eviction)."""
+        return self.max_capacity_prompt is None
 
     def validate(self) -> None:
         """Checks every field (types, ranges, combinations) and raises `TypeError` / `ValueError` with what to change.
         Cheap (no tensors); called at construction and again when the config is used, so edits are checked too."""
-        _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
+        if self.max_capacity_prompt is None and not self.allows_keep_all:
+            raise ValueError(
+                f"`max_capacity_prompt=None` (keep every prompt position) is SpecKV's sparse prefill without eviction; "
+                f"{type(self).__name__} needs a budget (a positive int)."
+            )
+        if self.max_capacity_prompt is not None:
+            _check_positive_int("max_capacity_prompt", self.max_capacity_prompt)
         _check_choice("layer_budgets", self.layer_budgets, LAYER_BUDGETS)
         _check_positive_int("pyramid_beta", self.pyramid_beta)
 
@@ -284,6 +297,28 @@ class AttentionSelectionConfig(KVSelectionConfig):
         _check_positive_int("prefill_vertical_size", self.prefill_vertical_size, minimum=0)
         _check_positive_int("prefill_window_size", self.prefill_window_size, minimum=0)
         _check_positive_int("prefill_block_size", self.prefill_block_size)
+        if self.sparse_prefill != "off":  # the official code's guards (`speckv/speckv.py`), where it can run
+            if self.prefill_window_size % self.prefill_block_size:
+                raise ValueError(
+                    f"`prefill_window_size` ({self.prefill_window_size}) must be a multiple of `prefill_block_size` "
+                    f"({self.prefill_block_size}): the band is whole query blocks (the paper's 2048 and 64)."
+                )
+            if self.max_capacity_prompt is not None and \
+                    self.max_capacity_prompt > self.prefill_window_size + self.prefill_vertical_size:
+                raise ValueError(
+                    f"`max_capacity_prompt` ({self.max_capacity_prompt}) must not exceed `prefill_window_size + "
+                    f"prefill_vertical_size` ({self.prefill_window_size + self.prefill_vertical_size}) with the sparse "
+                    "prefill on: the kept keys would include ones no query of the prefill attended to beyond the band "
+                    "and the vertical columns. Lower the budget, widen the band or the columns, or use "
+                    "`sparse_prefill='off'`."
+                )
+        if self.max_capacity_prompt is None:
+            if self.sparse_prefill == "off":
+                raise ValueError(
+                    "`max_capacity_prompt=None` keeps every prompt position: it is the sparse prefill without "
+                    "eviction, so it needs `sparse_prefill='auto'` or `'on'` (with it off, use a `DynamicCache`)."
+                )
+            return
         if self.max_capacity_prompt <= self.window_size:
             raise ValueError(
                 f"`max_capacity_prompt` ({self.max_capacity_prompt}) must be larger than `window_size` "
@@ -297,9 +332,11 @@ class SpecKVConfig(AttentionSelectionConfig):
     """Configuration of SpecKV (draft-based KV dropping, paper §2.1).
 
     Args:
-        max_capacity_prompt (`int`, *optional*, defaults to 1024):
+        max_capacity_prompt (`int` or `None`, *optional*, defaults to 1024):
             Prompt positions kept per layer and KV head, the `window_size` most recent ones included (the paper's
-            `C_max`; it used 256, 512 and 1024).
+            `C_max`; it used 256, 512 and 1024). `None` keeps every position: the sparse prefill without eviction
+            (the official code's `max_capacity_prompt=None`), for the long-prompt speed-up without the risk of
+            dropping KV; the draft and the scoring run only when the prefill goes sparse.
         window_size (`int`, *optional*, defaults to 32):
             The `w` most recent prompt tokens before the last one are always kept. The scoring queries are the last
             `w + 1` prompt tokens plus every lookahead token.
@@ -328,6 +365,7 @@ class SpecKVConfig(AttentionSelectionConfig):
     """
 
     method: ClassVar[str] = "speckv"
+    allows_keep_all: ClassVar[bool] = True
 
     lookahead_tokens: int = 64
     sparse_prefill: str = "auto"

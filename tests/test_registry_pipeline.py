@@ -66,6 +66,8 @@ def test_the_pipeline_the_harness_and_the_cli_read_one_registry():
         assert hs.integrations.pipeline.METHODS == tuple(names)
     variants = {f"{name}+pyramid": "kv" for name in ("speckv", "snapkv", "streamingllm", "knorm", "speckv_pc")}
     variants.update({f"{name}+dense": "kv" for name in ("speckv", "speckv_pc")})  # sparse prefill by default
+    variants["speckv+nodrop"] = "kv"  # the sparse prefill without eviction
+    variants["specprefill+genconfig"] = "prompt"  # SpecPrefill's draft with the checkpoint's generation config
     assert HARNESS_METHODS == {"draft": None, **{name: spec.budget for name, spec in registry.METHODS.items()},
                                **variants}
     assert HARNESS_METHODS["knorm"] == "kv" and HARNESS_METHODS["specpc"] == "prompt"

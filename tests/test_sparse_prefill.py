@@ -80,9 +80,12 @@ def _prefill_oracle_attention(module, query, key, value, attention_mask, scaling
         pooled = F.max_pool1d(scores.reshape(-1, 1, window_start), state.kernel, 1, state.kernel // 2)
         pooled = pooled.reshape(batch, kv_heads, window_start)
         pooled = pooled.masked_fill(~state.valid[:, None, :window_start], float("-inf"))
-        selected = _top(pooled, state.budget - window)
-        window_positions = torch.arange(window_start, length - 1).expand(batch, kv_heads, -1)
-        state.kept[layer] = torch.cat([selected, window_positions], dim=-1)
+        if state.budget is None:  # the sparse prefill without eviction: every prompt position stays
+            state.kept[layer] = torch.arange(length - 1).expand(batch, kv_heads, -1)
+        else:
+            selected = _top(pooled, state.budget - window)
+            window_positions = torch.arange(window_start, length - 1).expand(batch, kv_heads, -1)
+            state.kept[layer] = torch.cat([selected, window_positions], dim=-1)
         state.columns[layer] = _top(pooled, min(state.vertical, window_start))
         allowed = _vertical_slash_allowed(n, state.columns[layer], state.valid, state.band, state.block)
         allowed = allowed.repeat_interleave(group, dim=1)
@@ -174,7 +177,7 @@ def _generate(target, cache, ids, mask, new_tokens):
     prompt_length=st.integers(30, 60),
     lookahead=st.integers(0, 4),
     vertical=st.integers(1, 8),
-    geometry=st.sampled_from([(8, 4), (4, 4), (12, 8)]),
+    geometry=st.sampled_from([(8, 4), (4, 4), (16, 8)]),  # the band is whole blocks (the official guard)
     data=st.data(),
 )
 def test_sparse_prefill_equals_the_vertical_slash_oracle(family, attn, group, batch, prompt_length, lookahead,
@@ -184,7 +187,7 @@ def test_sparse_prefill_equals_the_vertical_slash_oracle(family, attn, group, ba
     paddings = [0] + [data.draw(st.integers(0, prompt_length // 2)) for _ in range(batch - 1)]
     ids, mask = random_batch(batch, prompt_length, paddings, seed=6)
     look = torch.randint(3, 90, (1, lookahead), generator=torch.Generator().manual_seed(7))
-    budget, window, kernel = 12, 3, 3
+    budget, window, kernel = min(12, band + vertical), 3, 3  # the official guard: C <= band + vertical
     knobs = dict(max_capacity_prompt=budget, window_size=window, kernel_size=kernel, sparse_prefill="on",
                  prefill_vertical_size=vertical, prefill_window_size=band, prefill_block_size=block)
     cache = hs.SpecKVCache(lookahead_ids=look, **knobs)
@@ -266,3 +269,42 @@ def test_models_that_cap_attention_logits_are_refused_before_any_work():
     finally:
         handle.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_sparse_prefill_without_eviction_keeps_every_position(family):
+    """Issue 26, item 1: `max_capacity_prompt=None` (the official code's) runs the sparse prefill from the same scores
+    and keeps every prompt position; the oracle's prefill rows see the vertical-slash mask, the later rows every
+    prompt position."""
+    target = hs.bind(tiny_model(family, seed=21, num_heads=4, num_kv_heads=2))
+    ids, mask = random_batch(2, 48, [0, 6], seed=22)
+    look = torch.tensor([[7, 8, 9]])
+    knobs = dict(window_size=3, kernel_size=3, sparse_prefill="on", prefill_vertical_size=5, prefill_window_size=8,
+                 prefill_block_size=4)
+    cache = hs.SpecKVCache(lookahead_ids=look, max_capacity_prompt=None, **knobs)
+    out = _generate(target, cache, ids, mask, new_tokens=3)
+    expected, _ = sparse_oracle_logits(target, ids, mask, look.expand(2, -1), out.sequences[:, :-1], budget=None,
+                                       window=3, kernel=3, vertical=5, band=8, block=4)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), expected[:, 47:], atol=1e-4, rtol=0)
+    assert not cache.is_compressed and cache.get_seq_length() == 48 + 3 - 1
+    full = [layer for layer in cache.layers if isinstance(layer, hs.CompressedKVLayer)]
+    assert all(layer.num_rows == 47 + 3 for layer in full)
+    # below the threshold nothing is sparse, so nothing runs but the ordinary prefill: no draft preview at all
+    below = hs.SpecKVCache(lookahead_ids=look, max_capacity_prompt=None, **dict(knobs, sparse_prefill="auto"),
+                           sparse_prefill_threshold=4096)
+    plain = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                            pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    quiet = _generate(target, below, ids, mask, new_tokens=3)
+    assert below.lookahead_ids is None
+    torch.testing.assert_close(torch.stack(quiet.logits), torch.stack(plain.logits), atol=1e-4, rtol=0)
+
+
+def test_the_official_guards_are_checked_before_any_work():
+    """Issue 26, item 2: `C <= P_win + P_vert` and a band of whole blocks, where the sparse prefill can run."""
+    with pytest.raises(ValueError, match="must not exceed `prefill_window_size \\+ prefill_vertical_size`"):
+        hs.SpecKVConfig(max_capacity_prompt=5000)  # 2048 + 2048
+    with pytest.raises(ValueError, match="multiple of `prefill_block_size`"):
+        hs.SpecKVConfig(prefill_window_size=2000)
+    hs.SpecKVConfig(max_capacity_prompt=5000, sparse_prefill="off")  # dense: no guard
+    with pytest.raises(ValueError, match="needs a budget"):
+        hs.SnapKVConfig(max_capacity_prompt=None)

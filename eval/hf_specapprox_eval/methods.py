@@ -17,25 +17,33 @@ from hf_specapprox.integrations.registry import get_method
 
 logger = logging.get_logger(__name__)
 
-#: Variants of the KV methods, run as `"<method>+<variant>"` (e.g. `"speckv+pyramid"`): variant -> the config field
+#: Variants of the methods, run as `"<method>+<variant>"` (e.g. `"speckv+pyramid"`): variant -> the config field
 #: and value it sets in every config of the method that has that field. `pyramid`: PyramidKV's layer-wise budgets
 #: (`layer_budgets`, every KV method); `dense`: the target's prefill kept dense (`sparse_prefill="off"`, for the
-#: methods whose default prefill turns sparse above 4,096 tokens as the paper's does: SpecKV and SpecKV-PC). A
-#: variant is offered where some config of the method defaults to another value.
-KV_VARIANTS = {"pyramid": ("layer_budgets", "pyramid"), "dense": ("sparse_prefill", "off")}
+#: methods whose default prefill turns sparse above 4,096 tokens as the paper's does: SpecKV and SpecKV-PC);
+#: `nodrop`: SpecKV's sparse prefill keeping every prompt position (`max_capacity_prompt=None`, the official code's
+#: sparse-only mode; its budget is ignored); `genconfig`: SpecPrefill's draft decoding with the checkpoint's
+#: generation config (its own code applies none). A variant is offered where some config of the method defaults to
+#: another value.
+VARIANTS = {"pyramid": ("layer_budgets", "pyramid"), "dense": ("sparse_prefill", "off"),
+            "nodrop": ("max_capacity_prompt", None), "genconfig": ("lookahead_decoding", "generation_config")}
 
 
 def _offers(spec, variant: str) -> bool:
-    field_name, value = KV_VARIANTS[variant]
+    field_name, value = VARIANTS[variant]
+    if variant == "nodrop":  # the sparse prefill without eviction: SpecKV's own (its config allows no budget)
+        return spec.name == "speckv"
+    if variant == "genconfig":  # SpecPrefill's draft with the checkpoint's generation config (not its code's)
+        return spec.name == "specprefill"
     return any(field.name == field_name and field.default != value
                for config_class in spec.config_classes for field in fields(config_class))
 
 
 #: name -> what its budget means ("kv": KV pairs per layer and head, "prompt": prompt tokens, None: no budget): every
-#: method of the registry (`hf_specapprox.integrations.registry`), the variants of its KV methods ([`KV_VARIANTS`]), and `draft`
+#: method of the registry (`hf_specapprox.integrations.registry`), the variants of its KV methods ([`VARIANTS`]), and `draft`
 #: (the draft model answering alone, a reference).
 HARNESS_METHODS = {"draft": None, **{name: spec.budget for name, spec in REGISTRY.items()},
-           **{f"{name}+{variant}": "kv" for name, spec in REGISTRY.items() for variant in KV_VARIANTS
+           **{f"{name}+{variant}": spec.budget for name, spec in REGISTRY.items() for variant in VARIANTS
               if _offers(spec, variant)}}
 
 #: SpecPC's window in the paper; smaller budgets get a window as large as the budget.
@@ -80,6 +88,8 @@ def _stage_config(config_class, spec_name: str, draft, *, budget: int, window_si
         knobs["window_size"] = specpc_window(budget)
         if spec_name != "specprefill":  # SpecPrefill reads only the budget
             knobs["starting_layer_index"] = voting_layer(draft)
+        else:  # and decodes its draft as its own code does, on vLLM with no generation config
+            knobs["lookahead_decoding"] = "argmax"
         return config_class(**knobs)
     if "window_size" in names:
         knobs["window_size"] = clamp_knob("`window_size`", window_size, budget - 1, f"the KV budget is {budget}")
@@ -128,7 +138,7 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
 
     Args:
         name: `draft`, a method of the registry (`hf_specapprox.integrations.registry.METHODS`), or a variant of a KV method
-            (`"speckv+pyramid"`, `"speckv+dense"`, see [`KV_VARIANTS`]).
+            (`"speckv+pyramid"`, `"speckv+dense"`, see [`VARIANTS`]).
         budget: KV pairs per layer and KV head for KV methods (SpecKV-PC's second stage too), prompt tokens for
             prompt-compression methods; ignored by `full` and `draft`.
         pc_budget: SpecKV-PC's first-stage prompt budget (2,048 as released).
@@ -152,7 +162,7 @@ def run_method(name: str, target, draft, input_ids, attention_mask, *, budget: i
     configs = method_configs(spec.name, draft, budget=budget, max_new_tokens=max_new_tokens, pc_budget=pc_budget,
                              window_size=window_size)
     if variant:  # every config of the method with the variant's field gets its value
-        field_name, value = KV_VARIANTS[variant]
+        field_name, value = VARIANTS[variant]
         configs = {argument: replace(config, **{field_name: value})
                    if field_name in {field.name for field in fields(config)} else config
                    for argument, config in configs.items()}

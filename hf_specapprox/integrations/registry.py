@@ -198,7 +198,7 @@ _SPECS = (
     MethodSpec("specprefill", "prompt", True,
                "SpecPrefill: chunks scored by the draft's last token and 7 lookahead tokens, original positions "
                "(reads budget and protection from `specpc_config`)", ("specpc_config",), (SpecPCConfig,),
-               lambda: {"specpc_config": SpecPCConfig()},
+               lambda: {"specpc_config": SpecPCConfig(lookahead_decoding="argmax")},  # as its code decodes (vLLM)
                _prompt_method(_spec_prefill)),
     MethodSpec("speckv_pc", "kv", True, "SpecKV-PC: SpecPC first, then SpecKV reusing SpecPC's draft tokens",
                ("specpc_config", "speckv_config"), (SpecPCConfig, SpecKVConfig),

@@ -385,7 +385,8 @@ class KVCompressionCache(Cache):
 
     def _fill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
         """Runs the compressing prefill for a checked prompt and installs its layers and record; returns whether the
-        prompt was compressed. On any exception the cache is left empty."""
+        layers now hold the prompt's first `L - 1` positions (compressed, or all of them with
+        `max_capacity_prompt=None`). On any exception the cache is left empty."""
         self._refuse_unservable(model, input_ids, attention_mask)
         check_same_inputs_across_ranks(model, input_ids, attention_mask)
         prefix = self._context_prefix(input_ids, attention_mask)
@@ -404,11 +405,11 @@ class KVCompressionCache(Cache):
             filled=True, length=input_ids.shape[1], mask=attention_mask.bool(), lookahead_ids=result.lookahead_ids,
             lookahead_valid=result.lookahead_valid, signature=ModelSignature.of(model, result.layers),
         )
-        if result.compressed:
+        if result.holds_prompt:
             self.record.consume(input_ids[:, :-1], attention_mask[:, :-1])
-        if grows and result.compressed:
+        if grows and result.holds_prompt:
             self._grow_context(input_ids, prefix, result)
-        return result.compressed
+        return result.holds_prompt
 
     # ----------------------------------------------------------------------------------------------------------------
     # A retained context
@@ -471,8 +472,9 @@ class KVCompressionCache(Cache):
 
     def _context_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """The part of the retained context this prompt can start from, or `None` (no context, nothing shared)."""
-        if self.context is None or input_ids.shape[1] <= self.config.max_capacity_prompt:
-            return None
+        budget = self.config.max_capacity_prompt
+        if self.context is None or budget is None or input_ids.shape[1] <= budget:
+            return None  # (keeping every position from a retained context is a plain continuation of it)
         padding = attention_mask.shape[1] - attention_mask.long().sum(-1)
         common = self.context.common_prefix(input_ids, attention_mask)
         start = min(self.selection_policy().window_start(input_ids.shape[1]), int((padding.cpu() + common).min()))
@@ -558,8 +560,8 @@ class KVCompressionCache(Cache):
         input_length = input_ids.shape[1]
         prompt_length = input_length - _appended_tokens(kwargs, input_length)
         with self._claimed():
-            compressed = self._fill(model, input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
-        if not compressed:
+            holds_prompt = self._fill(model, input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
+        if not holds_prompt:
             self.record.consume(input_ids, attention_mask)
             return args, kwargs
         # The forward generate asked for now computes only the last prompt token (and any appended candidates), at
@@ -694,7 +696,7 @@ class KVCompressionCache(Cache):
 
     def _install_static_layers(self) -> None:
         """Replaces every compressed full-attention layer by a static one sized for the configured decode length."""
-        budget = self.config.max_capacity_prompt
+        budget = self.config.max_capacity_prompt or 0
         for index, layer in enumerate(self.layers):
             if isinstance(layer, CompressedKVLayer):
                 capacity = max(budget, layer.num_rows) + 1 + self.static_decode_tokens

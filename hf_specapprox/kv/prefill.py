@@ -52,6 +52,8 @@ class PrefillResult:
         layers (`list`): the cache layers, filled with the first `L - 1` positions (compressed where `L > C`); empty
             layers when the prompt fits the budget (an ordinary prefill of the whole prompt follows).
         compressed (`bool`): whether prompt positions were dropped.
+        holds_prompt (`bool`): whether the layers hold the first `L - 1` positions (compressed, or all of them with
+            `max_capacity_prompt=None`); otherwise they are empty and an ordinary prefill of the whole prompt follows.
         lookahead_ids (`torch.LongTensor` of shape `(batch, n)`, *optional*): the appended tokens.
         lookahead_valid (`torch.BoolTensor` of shape `(batch, n)`, *optional*): False after a row's end of sequence.
         prompt_keys (`list`, *optional*): per layer, the full `(keys, values)` of the prompt positions
@@ -61,6 +63,7 @@ class PrefillResult:
 
     layers: list
     compressed: bool
+    holds_prompt: bool = False
     lookahead_ids: torch.Tensor | None = None
     lookahead_valid: torch.Tensor | None = None
     prompt_keys: list | None = None
@@ -85,7 +88,9 @@ class _PrefillObserver(AttentionObserver):
         self.sparse = sparse
         self.window_start = policy.window_start(prompt_length)
         compressed = [index for index, layer in enumerate(layers) if isinstance(layer, CompressedKVLayer)]
-        self.num_selected = dict(zip(compressed, policy.candidate_counts(prompt_length, len(compressed))))
+        self.keeps_all = config.max_capacity_prompt is None
+        if not self.keeps_all:
+            self.num_selected = dict(zip(compressed, policy.candidate_counts(prompt_length, len(compressed))))
         self.pending: set[int] = set()
         self.done: set[int] = set()
 
@@ -140,6 +145,11 @@ class _PrefillObserver(AttentionObserver):
         return scores, valid[:, :start]
 
     def _keep(self, layer_idx, layer, key, value, scores, candidate_valid) -> None:
+        stop = self.prompt_length - 1
+        if self.keeps_all:  # the sparse prefill without eviction: every prompt position stays
+            layer.load(key[..., :stop, :].contiguous(), value[..., :stop, :].contiguous(), stop, None, stop)
+            self.done.add(layer_idx)
+            return
         positions = self.policy.select(scores, candidate_valid, self.num_selected[layer_idx], self.prompt_length)
         layer.keep(key, value, positions, seen_tokens=self.prompt_length - 1)
         self.done.add(layer_idx)
@@ -224,7 +234,11 @@ def compressing_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     layers = build_layers(model.config)
     prompt_length = input_ids.shape[1]
-    if prompt_length <= config.max_capacity_prompt:
+    if config.max_capacity_prompt is None:
+        # keep every position: worth a draft and a scoring forward only where the prefill can go sparse
+        if context is not None or not uses_sparse_prefill(config, prompt_length + query_source.max_tokens(config)):
+            return PrefillResult(layers, compressed=False)
+    elif prompt_length <= config.max_capacity_prompt:
         return PrefillResult(layers, compressed=False)
     start = 0 if context is None else context.length
     if query_source.max_tokens(config):
@@ -253,9 +267,11 @@ def compressing_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Te
             **{compat.cache_kwarg_name(backbone): cache},
         )
     observer.check_complete()
+    kept = "every" if config.max_capacity_prompt is None else config.max_capacity_prompt
     logger.info(f"target prefill: {token_valid.shape[1] - start} tokens scored{' (sparse)' if sparse else ''}; every "
-                f"layer keeps {config.max_capacity_prompt} of {prompt_length - 1} prompt positions per KV head")
+                f"layer keeps {kept} of {prompt_length - 1} prompt positions per KV head")
     prompt_keys = None
     if keep_prompt_from is not None:
         prompt_keys = [cache.prompt_keys[index] for index in range(len(layers))]
-    return PrefillResult(layers, True, lookahead_ids, lookahead_valid, prompt_keys)
+    return PrefillResult(layers, config.max_capacity_prompt is not None, True, lookahead_ids, lookahead_valid,
+                         prompt_keys)

@@ -46,14 +46,17 @@ class SpecPrefillPreprocessor(SpecPCPreprocessor):
         lookahead_tokens (`int`, *optional*, defaults to 8): voting draft forwards (SpecPrefill's `look_ahead_cnt`).
         pool_kernel_size (`int`, *optional*, defaults to 13): average-pooling width (odd; 1 disables it).
         keep_original_positions (`bool`, *optional*, defaults to `True`): give the target the original positions.
-        lookahead_decoding (`str`, *optional*, defaults to `"generation_config"`): as in [`SpecPCConfig`].
+        lookahead_decoding (`str`, *optional*, defaults to `"argmax"`): how the draft writes its tokens. SpecPrefill's
+            own code runs the draft on vLLM, which applies no Hugging Face generation config: the bare argmax
+            (`"argmax"`, the default). `"generation_config"` applies the draft checkpoint's processors (Qwen2.5's
+            repetition penalty), as `draft.generate` would (the harness's `specprefill+genconfig`).
         tokenizer (*optional*): for [`SpecPCPreprocessor.compress_text`].
         **protect: `num_sink_tokens`, `protected_token_ids`, as in [`SpecPCConfig`].
     """
 
     def __init__(self, draft, max_capacity_prompt: int = 1024, chunk_size: int = 32, tokenizer=None, *,
                  lookahead_tokens: int = 8, pool_kernel_size: int = 13, keep_original_positions: bool = True,
-                 lookahead_decoding: str = "generation_config", **protect):
+                 lookahead_decoding: str = "argmax", **protect):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"`chunk_size` must be an int >= 1, got {chunk_size!r}.")
         if isinstance(pool_kernel_size, bool) or not isinstance(pool_kernel_size, int) or pool_kernel_size < 1 \
