@@ -165,3 +165,16 @@ def test_triton_fallback_warns_once(monkeypatch, caplog):
     expected = scoring.window_scores(torch.Tensor(queries), keys, scaling=0.5, query_offset=2, implementation="torch")
     torch.testing.assert_close(torch.Tensor(scores), expected)
     assert "Triton is not usable here" in caplog.text
+
+
+def test_one_rule_for_default_budgets():
+    """Issue 28, item 7: the pipeline's SpecKV default (once 256) and the cache's (1024) disagreed. A method's defaults
+    are its config class's; SpecKV-PC's are the released ones."""
+    for name, spec in registry.METHODS.items():
+        defaults = spec.default_configs()
+        for argument, config_class in zip(spec.config_arguments, spec.config_classes):
+            if name in ("speckv_pc", "specprefill"):
+                continue
+            assert defaults[argument] == config_class(), (name, argument)
+    assert registry.METHODS["speckv"].default_configs()["speckv_config"].max_capacity_prompt == \
+        hs.SpecKVCache(draft=torch.nn.Linear(1, 1)).config.max_capacity_prompt == 1024

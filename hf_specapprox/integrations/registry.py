@@ -1,5 +1,9 @@
 """The one registry of methods: what each name means, what its budget counts and how it prepares a request.
 
+One rule for defaults: a method's default knobs are its config class's defaults (`SpecKVConfig()`: 1,024 KV pairs,
+as `SpecKVCache()`), except SpecKV-PC's, which are the released SpecKV-PC configs (SpecPC to 2,048 tokens, then
+SpecKV to 256 pairs).
+
 The pipeline ([`SpecApproxTextGenerationPipeline`]), the evaluation harness (`hf_specapprox_eval`) and the CLI all
 read [`METHODS`]; each method is built here and nowhere else (SpecKV-PC through [`SpecKVPC`]). Preparing a request
 turns a prompt into what `generate` needs: possibly shorter ids (prompt compression) and possibly a fresh compressing
@@ -187,7 +191,7 @@ def _spec_prefill(draft, config: SpecPCConfig):
 _SPECS = (
     MethodSpec("full", None, False, "the target on the whole prompt (no compression)", (), (), dict, _full),
     MethodSpec("speckv", "kv", True, "SpecKV: the draft's preview and the prompt window score the target's KV",
-               ("speckv_config",), (SpecKVConfig,), lambda: {"speckv_config": replace(DEFAULT_SPECKV)},
+               ("speckv_config",), (SpecKVConfig,), lambda: {"speckv_config": SpecKVConfig()},
                _kv_method(lambda draft, config, model: SpecKVCache(draft=draft, config=config, model=model))),
     kv_method("snapkv", SnapKVCache, "SnapKV: the prompt's last tokens score the target's KV (no draft)"),
     kv_method("streamingllm", StreamingLLMCache, "StreamingLLM: attention sinks plus the most recent KV (no draft)"),
