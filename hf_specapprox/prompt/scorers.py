@@ -62,7 +62,8 @@ class TokenScorer:
 
         Args:
             draft (`PreTrainedModel` or `None`): the compressor's draft.
-            input_ids (`torch.LongTensor` of shape `(batch, length)`), attention_mask: the checked prompt.
+            input_ids (`torch.LongTensor` of shape `(batch, length)`): the checked prompt, left-padded.
+            attention_mask (`torch.Tensor` of shape `(batch, length)`): its padding mask.
             config ([`SpecPCConfig`]): the compressor's knobs (read at every call, so edits apply).
         """
         raise NotImplementedError
