@@ -16,6 +16,16 @@ ORACLE_NAME = "hf_specapprox_test_oracle"
 MASKS_KWARG = "oracle_masks"
 
 
+def continuation_keeps_the_cache() -> bool:
+    """Whether a `generate` call whose ids continue a filled cache continues its compressed rows (release transformers
+    with a bound model: the cache saw every fed id), or prefills again (transformers' native `prepare_prefill` hook, the
+    `upstream` tox env: the cache does not see the ids `generate` feeds, and never trusts unseen positions). Either is
+    exact; the oracle's prompt is then the first call's or the second's."""
+    from hf_specapprox import compat
+
+    return not compat.has_native_prepare_prefill()
+
+
 def _oracle_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     allowed = kwargs[MASKS_KWARG][module.layer_idx].to(query.device)  # (B, H, Q, K) bool; layers may sit anywhere
     group = query.shape[1] // key.shape[1]

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import hf_specapprox as hs
-from oracle import oracle_logits
+from oracle import continuation_keeps_the_cache, oracle_logits
 from test_oracle import assert_matches_oracle
 from tiny_models import random_batch, tiny_model
 
@@ -137,7 +137,8 @@ def test_continuation_reuses_compressed_cache(models):
     assert cache.get_seq_length() == second.sequences.shape[1] - 1
     kept = {i: cache.kept_positions(i) for i in range(len(cache.layers)) if cache.kept_positions(i) is not None}
     valid = torch.cat([mask.bool(), torch.ones(2, second.sequences.shape[1] - 30, dtype=torch.bool)], 1)
-    expected = oracle_logits(target, second.sequences[:, :-1], valid[:, :-1], 30, kept)
+    prompt_length = 30 if continuation_keeps_the_cache() else sequences.shape[1]
+    expected = oracle_logits(target, second.sequences[:, :-1], valid[:, :-1], prompt_length, kept)
     actual = torch.stack(second.logits, 1)
     start = sequences.shape[1] - 1
     torch.testing.assert_close(actual, expected[:, start:], atol=1e-4, rtol=0)

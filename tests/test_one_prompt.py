@@ -19,7 +19,7 @@ from transformers import GenerationConfig, pipeline
 
 import hf_specapprox as hs
 from hf_specapprox.testing import tiny_tokenizer, words
-from oracle import oracle_logits
+from oracle import continuation_keeps_the_cache, oracle_logits
 from test_oracle import assert_matches_oracle
 from tiny_models import FAMILIES, random_batch, tiny_model
 
@@ -346,7 +346,8 @@ def test_reuse_sequences_equal_fresh_caches_and_the_oracle(family, attn, kv_head
         kept = {i: cache.kept_positions(i) for i in range(len(cache.layers)) if cache.kept_positions(i) is not None}
         valid = torch.cat([mask.bool(), torch.ones(mask.shape[0], second.sequences.shape[1] - prompt_length,
                                                    dtype=torch.bool)], 1)
-        expected = oracle_logits(target, second.sequences[:, :-1], valid[:, :-1], prompt_length, kept)
+        oracle_prompt = prompt_length if continuation_keeps_the_cache() else sequences.shape[1]
+        expected = oracle_logits(target, second.sequences[:, :-1], valid[:, :-1], oracle_prompt, kept)
         start = sequences.shape[1] - 1
         torch.testing.assert_close(torch.stack(second.logits, 1), expected[:, start:], atol=1e-4, rtol=0)
 

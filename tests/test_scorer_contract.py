@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import hf_specapprox as hs
 from hf_specapprox.integrations import registry
 from hf_specapprox.kv.policies import pyramid_budgets
-from oracle import oracle_logits
+from oracle import continuation_keeps_the_cache, oracle_logits
 from test_oracle import assert_matches_oracle
 from tiny_models import random_batch, tiny_model
 
@@ -95,7 +95,8 @@ def test_layer_wise_budgets_continue_a_filled_cache_exactly(method):
     out = generate(target, {"input_ids": longer, "attention_mask": longer_mask}, cache, new_tokens=2)
     valid = torch.cat([longer_mask.bool(), torch.ones(2, 2, dtype=torch.bool)], dim=1)
     kept = {index: cache.kept_positions(index) for index in range(len(cache.layers))}
-    expected = oracle_logits(target, out.sequences[:, :-1], valid[:, :-1], ids.shape[1], kept)
+    prompt_length = ids.shape[1] if continuation_keeps_the_cache() else longer.shape[1]
+    expected = oracle_logits(target, out.sequences[:, :-1], valid[:, :-1], prompt_length, kept)
     actual = torch.stack(out.logits, dim=1)
     assert (actual - expected[:, longer.shape[1] - 1:]).abs().max().item() <= 1e-4
 
