@@ -18,7 +18,9 @@ allocated before the call on CUDA (`peak_mem_total_mib` includes the models). Ra
 in the same run.
 
 Methods: `stock` (DynamicCache), `speckv_dense` / `speckv_sparse` (SpecKV with `sparse_prefill="off"` / `"on"`),
-`snapkv`, and `speckv` (SpecKV with the installed library's defaults). Where the installed `SpecKVConfig` has no
+`snapkv`, `speckv_nodrop` (SpecKV's sparse prefill keeping every prompt position, `max_capacity_prompt=None`: the
+sparse prefill's speed-up without eviction; it decodes on the whole prompt), and `speckv` (SpecKV with the installed
+library's defaults). Where the installed `SpecKVConfig` has no
 `sparse_prefill` field, the dense/sparse rows say "skipped" and `speckv` is measured in their place. These decode on
 the cache's dynamic layers; the `_static` variants (`speckv_dense_static`, `speckv_sparse_static`, `snapkv_static`)
 decode on its static layers (`use_static_decode`) with `generate` compiling the decode forward (`CompileConfig`,
@@ -54,7 +56,8 @@ if (ROOT / "eval" / "hf_specapprox_eval").is_dir() and str(ROOT / "eval") not in
     sys.path.insert(0, str(ROOT / "eval"))
 
 METHODS = ("stock", "speckv_dense", "speckv_dense_static", "speckv_sparse", "speckv_sparse_static", "snapkv",
-           "snapkv_static", "speckv")  # speckv: the library's own defaults
+           "snapkv_static", "speckv_nodrop", "speckv")  # speckv: the library's own defaults
+SPARSE_KNOB_METHODS = ("speckv_dense", "speckv_sparse", "speckv_nodrop")  # need `SpecKVConfig.sparse_prefill`
 DEFAULT_METHODS = ["stock", "speckv_dense", "speckv_sparse", "snapkv"]
 STATIC = "_static"  # suffix: decode on the static compressed layers, compiled
 MIB = 2**20
@@ -218,9 +221,10 @@ class Worker:
         if method == "snapkv":
             cache = self.hs.SnapKVCache(max_capacity_prompt=job["budget"], window_size=32)
         else:
-            mode = {"speckv_dense": "off", "speckv_sparse": "on"}.get(method)
+            mode = {"speckv_dense": "off", "speckv_sparse": "on", "speckv_nodrop": "on"}.get(method)
             sparse = {} if mode is None else dict(job["sparse"], sparse_prefill=mode)
-            cache = self.hs.SpecKVCache(draft=self.draft, max_capacity_prompt=job["budget"], window_size=32,
+            budget = None if method == "speckv_nodrop" else job["budget"]
+            cache = self.hs.SpecKVCache(draft=self.draft, max_capacity_prompt=budget, window_size=32,
                                         lookahead_tokens=job["new_tokens"], **sparse)
         return cache.use_static_decode(job["new_tokens"]) if self.static else cache
 
@@ -266,7 +270,8 @@ class Worker:
         ttft = timer.time - start
         tpot = (total - ttft) / (new - 1) if new > 1 else None
         del out, cache
-        return ttft, tpot, total, peak - before, peak
+        # the kernel's RSS counters lag by a few pages per thread: a growth within that reads as slightly negative
+        return ttft, tpot, total, max(peak - before, 0), peak
 
     def measure(self, length, batch):
         ids, mask = self.inputs(length, batch)
@@ -554,7 +559,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
     sparse_ok = sparse_prefill_supported()
-    if not sparse_ok and {"speckv_dense", "speckv_sparse"} & {base_method(method) for method in methods}:
+    if not sparse_ok and set(SPARSE_KNOB_METHODS) & {base_method(method) for method in methods}:
         methods.append("speckv")  # their rows say skipped; SpecKV as the installed library runs it stands in
     methods = sorted(set(methods), key=METHODS.index)  # stock first: the baseline
     budget = args.budget or preset["budget"]
@@ -576,7 +581,7 @@ def main(argv=None):
     rows, trials, device_name = [], [], None
     for method in methods:
         reason = None
-        if base_method(method) in ("speckv_dense", "speckv_sparse") and not sparse_ok:
+        if base_method(method) in SPARSE_KNOB_METHODS and not sparse_ok:
             reason = "this hf_specapprox's SpecKVConfig has no `sparse_prefill` field"
         elif method.endswith(STATIC) and not static_decode_supported():
             reason = "this hf_specapprox's caches have no `use_static_decode`"

@@ -39,6 +39,7 @@ def pipe(models, tokenizer):
                     speckv_config=SPECKV, specpc_config=SPECPC)
 
 
+@pytest.mark.slow  # a fresh interpreter: the floor and newest envs
 def test_importing_the_core_loads_no_evaluation_cli_or_model_loading_code():
     code = "import hf_specapprox, sys; print(sorted(m for m in sys.modules if m.startswith('hf_specapprox')))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

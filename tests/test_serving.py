@@ -437,6 +437,7 @@ def test_api_key_and_headers_are_sent(setup):
     assert headers["Authorization"] == "Bearer sk-local" and headers["X-Trace"] == "7"
 
 
+@pytest.mark.slow  # a fresh interpreter: the floor and newest envs
 def test_importing_loads_no_serving_package():
     code = ("import sys, hf_specapprox.integrations.serving; "
             "print(sorted(m for m in ('fastapi', 'uvicorn', 'openai', 'starlette') "
