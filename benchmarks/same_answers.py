@@ -6,10 +6,10 @@ hide behind the comparison; each checkout then answers them in its own process (
 `hf_specapprox_eval` first on `PYTHONPATH`), greedy, with its own harness's configs for each method::
 
     python benchmarks/same_answers.py prompts --tasks niah_single niah_multikey --length 2048 --samples 1 \\
-        --out /tmp/prompts.pt
-    PYTHONPATH=/path/to/old-checkout python benchmarks/same_answers.py run --prompts /tmp/prompts.pt \\
+        --out prompts.pt
+    PYTHONPATH=/path/to/old-checkout python benchmarks/same_answers.py run --prompts prompts.pt \\
         --methods full speckv specpc --out old.json
-    python benchmarks/same_answers.py run --prompts /tmp/prompts.pt --methods full speckv specpc --out new.json
+    python benchmarks/same_answers.py run --prompts prompts.pt --methods full speckv specpc --out new.json
     python benchmarks/same_answers.py compare old.json new.json
 
 `run` resumes: rows already in `--out` are kept. Budgets: 128 KV pairs for KV methods, 512 prompt tokens for prompt
@@ -41,6 +41,18 @@ def build_prompts(args):
     print(f"{len(rows)} prompts ({', '.join(str(r['input_ids'].shape[1]) for r in rows)} tokens) -> {args.out}")
 
 
+def checkout(package) -> str:
+    """The commit of the checkout `package` was imported from (a name, not a machine path)."""
+    import subprocess
+
+    folder = Path(package.__file__).resolve().parent.parent
+    done = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", package.__name__],
+                           capture_output=True, text=True).stdout.strip()
+    commit = done.stdout.strip() if done.returncode == 0 else "an unknown commit"
+    return f"{package.__name__} at {commit}" + (" (modified)" if dirty else "")
+
+
 def run(args):
     import torch
 
@@ -48,19 +60,24 @@ def run(args):
     from hf_specapprox_eval.methods import run_method
     from hf_specapprox_eval.models import load_embedded_pair
 
+    try:  # each method's budget kind ("kv", "prompt" or None), as the checkout's own harness names it
+        from hf_specapprox_eval.methods import HARNESS_METHODS as kinds
+    except ImportError:  # checkouts before the names were settled
+        from hf_specapprox_eval.methods import METHODS as kinds
+
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {"library": hf_specapprox.__file__, "rows": []}
+    done = json.loads(out.read_text()) if out.exists() else {"library": checkout(hf_specapprox), "rows": []}
     seen = {(r["task"], r["index"], r["method"]) for r in done["rows"]}
     prompts = torch.load(args.prompts)
     target, draft, tokenizer = load_embedded_pair()
-    print(f"hf_specapprox from {hf_specapprox.__file__}", flush=True)
+    print(f"answering with {done['library']}", flush=True)
     for prompt in prompts:
         for method in args.methods:
             if (prompt["task"], prompt["index"], method) in seen:
                 continue
             ids = prompt["input_ids"]
-            budget = {"specpc": args.prompt_budget, "specprefill": args.prompt_budget}.get(method, args.budget)
+            budget = args.prompt_budget if kinds[method] == "prompt" else args.budget
             start = time.perf_counter()
             with torch.no_grad():
                 tokens, _ = run_method(method, target, draft, ids, torch.ones_like(ids), budget=budget,
