@@ -254,7 +254,8 @@ class AttentionSelectionConfig(KVSelectionConfig):
             Vertical-slash sparse attention in the compressing layers of the prefill forward (the paper's code,
             MInference's mask): `"auto"` when prompt + lookahead exceed `sparse_prefill_threshold` tokens, `"on"`
             always, `"off"` never (dense). Each layer is scored first (the scores stay exact and dense); its attention
-            output is then computed under the sparse mask for every row. Needs FlexAttention (torch >= 2.5).
+            output is then computed under the sparse mask. In a padded batch each row decides on its own tokens, as
+            it would alone. Needs FlexAttention (torch >= 2.5).
         sparse_prefill_threshold (`int`, *optional*, defaults to 4096):
             Prompt + lookahead length above which `"auto"` switches the sparse prefill on (the paper's
             `prefill_vertical_size + prefill_window_size`).
@@ -264,7 +265,7 @@ class AttentionSelectionConfig(KVSelectionConfig):
             Band: each block of `prefill_block_size` queries also sees the `prefill_window_size + prefill_block_size`
             keys before its block end (MInference's slash diagonals every block, merged).
         prefill_block_size (`int`, *optional*, defaults to 64):
-            Query block size of the band, blocks aligned to position 0 of the left-padded batch.
+            Query block size of the band, blocks aligned to each row's first token (as with the row alone).
     """
 
     method: ClassVar[str] = "attention_selection"

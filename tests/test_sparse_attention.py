@@ -24,14 +24,19 @@ from hf_specapprox.kernels.sparse_attention import vertical_columns, vertical_sl
 TILE = 16  # FlexAttention tile used by the tests: 80 tokens give five query tiles
 
 
-def oracle_mask(length, columns, key_valid, window, block):
-    """`(batch, num_kv_heads, n, n)` bool: query `i` sees key `j`."""
-    i = torch.arange(length)[:, None]
-    j = torch.arange(length)[None, :]
-    band = (j <= i) & (j >= (i // block) * block - window)
+def oracle_mask(length, columns, key_valid, window, block, sparse_rows=None):
+    """`(batch, num_kv_heads, n, n)` bool: query `i` sees key `j`. A row's blocks start at its first valid position
+    (as they would with the row alone); a row that `sparse_rows` marks False sees every earlier key."""
+    first = [next((p for p in range(length) if key_valid[row, p]), 0) for row in range(key_valid.shape[0])]
+    origin = torch.tensor(first)[:, None, None]
+    i = torch.arange(length)[None, :, None]
+    j = torch.arange(length)[None, None, :]
+    band = (j <= i) & (j >= origin + (i - origin) // block * block - window)
+    if sparse_rows is not None:
+        band |= ~sparse_rows[:, None, None] & (j <= i)
     is_column = torch.zeros(*columns.shape[:2], length, dtype=torch.bool)
     is_column.scatter_(-1, columns, True)
-    visible = band | (is_column[:, :, None, :] & (j <= i))
+    visible = band[:, None] | (is_column[:, :, None, :] & (j <= i)[:, None])
     return visible & key_valid[:, None, None, :]
 
 
@@ -63,19 +68,22 @@ def random_inputs(seed, batch, heads, kv_heads, length, head_dim=16, dtype=torch
     seed=st.integers(0, 2**16),
 )
 def test_matches_masked_oracle(data, length, band, seed):
-    """Per row and KV head vertical sets (repeats and padding positions included), GQA, left padding, batch 2,
-    ragged blocks and tiles; rows that see nothing (all padding) give zeros."""
+    """Per row and KV head vertical sets (repeats and padding positions included), GQA, left padding (blocks aligned
+    per row), batch 2, dense rows beside sparse ones, ragged blocks and tiles; rows that see nothing (all padding)
+    give zeros."""
     window, block = band
     query, key, value, gen = random_inputs(seed, 2, 4, 2, length)
     pads = [data.draw(st.integers(0, length), label=f"pad{row}") for row in range(2)]
     key_valid = torch.arange(length)[None, :] >= torch.tensor(pads)[:, None]
+    sparse_rows = torch.tensor([True, data.draw(st.booleans(), label="second row sparse")])
     count = data.draw(st.integers(0, 2 * length), label="count")
     columns = torch.randint(0, length, (2, 2, count), generator=gen)  # unsorted, with repeats, some in padding
     output = vertical_slash_attention(
-        query, key, value, columns, scaling=0.25, key_valid=key_valid, window_size=window, block_size=block,
-        flex_block_size=TILE,
+        query, key, value, columns, scaling=0.25, key_valid=key_valid, sparse_rows=sparse_rows, window_size=window,
+        block_size=block, flex_block_size=TILE,
     )
-    expected = oracle(query, key, value, oracle_mask(length, columns, key_valid, window, block), 0.25)
+    mask = oracle_mask(length, columns, key_valid, window, block, sparse_rows)
+    expected = oracle(query, key, value, mask, 0.25)
     assert output.shape == (2, length, 4, 16) and output.dtype == torch.float32
     assert torch.isfinite(output).all()
     torch.testing.assert_close(output, expected, atol=2e-5, rtol=2e-5)
@@ -99,6 +107,30 @@ def test_sparsity_changes_the_output_and_each_head_reads_its_own_columns():
     # With a band that reaches back to position 0 the mask is plain causal attention.
     wide = vertical_slash_attention(query, key, value, columns, **{**kwargs, "window_size": length})
     torch.testing.assert_close(wide, dense, atol=2e-5, rtol=2e-5)
+
+
+def test_a_padded_row_gets_what_it_gets_alone():
+    """The official code runs one row at a time: a left-padded row of a batch gives the output it gives alone
+    (blocks aligned to its own first token), whether it is sparse or dense, beside a sparse unpadded row."""
+    length, pad, window, block = 50, 7, 8, 4
+    query, key, value, gen = random_inputs(5, 2, 4, 2, length)
+    columns = torch.randint(0, length, (2, 2, 6), generator=gen)
+    key_valid = torch.ones(2, length, dtype=torch.bool)
+    key_valid[1, :pad] = False
+    columns[1] = columns[1].clamp(min=pad)
+    kwargs = dict(scaling=0.25, window_size=window, block_size=block, flex_block_size=TILE)
+    alone = [query[1:, :, pad:], key[1:, :, pad:], value[1:, :, pad:]]
+    for sparse in (True, False):
+        batched = vertical_slash_attention(query, key, value, columns, key_valid=key_valid,
+                                           sparse_rows=torch.tensor([True, sparse]), **kwargs)
+        if sparse:
+            single = vertical_slash_attention(*alone, columns[1:] - pad, **kwargs)
+        else:
+            single = F.scaled_dot_product_attention(*alone, is_causal=True, scale=0.25, enable_gqa=True)
+            single = single.transpose(1, 2)
+        torch.testing.assert_close(batched[1:, pad:], single, atol=2e-5, rtol=2e-5)
+        first = vertical_slash_attention(query[:1], key[:1], value[:1], columns[:1], **kwargs)
+        torch.testing.assert_close(batched[:1], first, atol=2e-5, rtol=2e-5)
 
 
 def test_bf16_inputs():

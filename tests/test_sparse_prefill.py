@@ -3,11 +3,12 @@
 The oracle runs the prefill over `prompt + lookahead` itself, layer by layer, with its own attention function: each
 full-attention layer takes dense eager probabilities, scores the candidates (max over the voting rows and the query
 heads of a KV head, max-pool), keeps the top `C - w` plus the window, takes the top `V` candidates as vertical
-columns, and computes its output under the vertical-slash mask (64-query blocks aligned to position 0, each seeing
-the band `[end - (band + block), end)` and its KV head's vertical columns (`end` as if the sequence were padded to whole blocks), causal, padding masked). A second oracle
-forward over the final sequence then checks every decoding step: rows before the last prompt token see the same
-vertical-slash mask, later rows see only the kept prompt positions. The thresholds are forced low so tiny prompts
-cross them.
+columns, and computes its output under the vertical-slash mask (64-query blocks aligned to each row's first token,
+each seeing the band `[end - (band + block), end)` and its KV head's vertical columns (`end` as if the sequence were
+padded to whole blocks), causal, padding masked). A second oracle forward over the final sequence then checks every
+decoding step: rows before the last prompt token see the same vertical-slash mask, later rows see only the kept
+prompt positions. The thresholds are forced low so tiny prompts cross them. A batch is also checked against its rows
+run alone (the official code runs one row at a time).
 """
 
 from __future__ import annotations
@@ -35,16 +36,20 @@ def _top(scores, count):
 
 
 def _vertical_slash_allowed(n, vertical, valid, band, block):
-    """(B, H_kv, n, n) bool: the vertical-slash rule, written from its definition."""
-    rows = torch.arange(n)
-    ends = (rows // block + 1) * block  # end of each query's block (as MInference pads: a ragged last block too)
-    keys = torch.arange(n)
-    causal = keys[None, :] <= rows[:, None]
-    in_band = keys[None, :] >= (ends - (band + block))[:, None]
+    """(B, H_kv, n, n) bool: the vertical-slash rule, written from its definition; each row's blocks start at its first
+    token, as they do when the row runs alone."""
     batch, kv_heads, _ = vertical.shape
-    is_vertical = torch.zeros(batch, kv_heads, n, dtype=torch.bool)
-    is_vertical.scatter_(2, vertical, True)
-    allowed = causal[None, None] & (in_band[None, None] | is_vertical[:, :, None, :])
+    allowed = torch.zeros(batch, kv_heads, n, n, dtype=torch.bool)
+    for row in range(batch):
+        first = int(valid[row].long().argmax())
+        rows = torch.arange(n) - first
+        ends = first + (rows // block + 1) * block  # each query's block end (as MInference pads: a ragged last too)
+        keys = torch.arange(n)
+        causal = keys[None, :] <= torch.arange(n)[:, None]
+        in_band = keys[None, :] >= (ends - (band + block))[:, None]
+        is_vertical = torch.zeros(kv_heads, n, dtype=torch.bool)
+        is_vertical.scatter_(1, vertical[row], True)
+        allowed[row] = causal[None] & (in_band[None] | is_vertical[:, None, :])
     return allowed & valid[:, None, None, :]
 
 
@@ -297,6 +302,26 @@ def test_the_sparse_prefill_without_eviction_keeps_every_position(family):
     quiet = _generate(target, below, ids, mask, new_tokens=3)
     assert below.lookahead_ids is None
     torch.testing.assert_close(torch.stack(quiet.logits), torch.stack(plain.logits), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [12, None], ids=["evicting", "no eviction"])
+def test_a_batch_gives_every_row_what_it_would_get_alone(budget):
+    """Issue 26, item 2: the sparse switch (`"auto"`) and the block alignment are decided per row, as the official
+    code, which runs one row at a time, decides them. A batch of an unpadded row and a padded row that cross the
+    threshold and a padded row that does not gives each row the greedy tokens and logits of that row alone."""
+    target = hs.bind(tiny_model("llama", seed=12, num_heads=4, num_kv_heads=2))
+    paddings = [0, 5, 14]
+    ids, mask = random_batch(3, 48, paddings, seed=13)
+    look = torch.tensor([[21, 22, 23]])
+    knobs = dict(max_capacity_prompt=budget, window_size=3, kernel_size=3, lookahead_ids=look, sparse_prefill="auto",
+                 sparse_prefill_threshold=40, prefill_vertical_size=4, prefill_window_size=8, prefill_block_size=4)
+    # prompt + lookahead per row: 51 and 46 tokens cross 40 (sparse), 37 do not (dense); 5 is not a whole block
+    batched = _generate(target, hs.SpecKVCache(**knobs), ids, mask, new_tokens=3)
+    logits = torch.stack(batched.logits, dim=1)
+    for row, pad in enumerate(paddings):
+        alone = _generate(target, hs.SpecKVCache(**knobs), ids[row : row + 1, pad:], mask[row : row + 1, pad:], 3)
+        assert torch.equal(batched.sequences[row, -3:], alone.sequences[0, -3:]), f"row {row}"
+        torch.testing.assert_close(logits[row], torch.stack(alone.logits, dim=1)[0], atol=1e-4, rtol=0)
 
 
 def test_the_official_guards_are_checked_before_any_work():

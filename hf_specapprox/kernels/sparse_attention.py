@@ -75,6 +75,7 @@ def vertical_slash_attention(
     *,
     scaling: float,
     key_valid: torch.Tensor | None = None,
+    sparse_rows: torch.Tensor | None = None,
     window_size: int = 2048,
     block_size: int = 64,
     flex_block_size: int = 128,
@@ -82,12 +83,14 @@ def vertical_slash_attention(
     """Vertical-slash sparse causal self-attention, the mask MInference's `vertical_slash_sparse_attention` computes
     when the paper's SpecKV prefill calls it.
 
-    Query rows are grouped in blocks of `block_size` aligned to position 0 of the (left-padded) sequence. A query at
-    position `i` in the block starting at `s = i // block_size * block_size` sees key `j` iff `j <= i`, `key_valid[j]`,
-    and either `j >= s - window_size` (the band: MInference's slash diagonals `window_size, window_size - block_size,
-    ..., 0` merged into the keys `[e - window_size - block_size, e)` before the block end `e = s + block_size`) or `j`
-    is one of the vertical columns of the query's KV head. As in MInference, the block end of a ragged final block is
-    `s + block_size`, not the sequence end. Rows that see no key return zeros.
+    Query rows are grouped in blocks of `block_size` aligned to each row's first valid position `o` (0 without left
+    padding), so that a left-padded row gets the blocks it would get alone. A query at position `i` in the block
+    starting at `s = o + (i - o) // block_size * block_size` sees key `j` iff `j <= i`, `key_valid[j]`, and either
+    `j >= s - window_size` (the band: MInference's slash diagonals `window_size, window_size - block_size, ..., 0`
+    merged into the keys `[e - window_size - block_size, e)` before the block end `e = s + block_size`) or `j` is one
+    of the vertical columns of the query's KV head. As in MInference, the block end of a ragged final block is
+    `s + block_size`, not the sequence end. A row that `sparse_rows` marks False attends causally to every valid key
+    (the dense prefill a row under the sparse threshold gets alone). Rows that see no key return zeros.
 
     One compiled FlexAttention call does only the sparse work: the `v` vertical keys are gathered in front of the
     sequence's keys, and the block mask lists, for each tile of `flex_block_size` queries, the column tiles some of
@@ -107,7 +110,10 @@ def vertical_slash_attention(
         scaling (`float`):
             Softmax scale, usually `head_dim ** -0.5`.
         key_valid (`torch.BoolTensor` of shape `(batch, n)`, *optional*):
-            False for padding keys, which no query sees.
+            False for padding keys, which no query sees. A row's valid keys are one contiguous run (left padding
+            before it, tokens after an end of sequence behind it); its first one aligns the row's blocks.
+        sparse_rows (`torch.BoolTensor` of shape `(batch,)`, *optional*):
+            False for rows that attend densely (causal, every valid key); defaults to every row sparse.
         window_size (`int`, *optional*, defaults to 2048):
             Band reach behind a query block's start (the paper's `prefill_window_size`).
         block_size (`int`, *optional*, defaults to 64):
@@ -137,9 +143,17 @@ def vertical_slash_attention(
     if key_valid is None:
         key_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
     key_valid = key_valid.to(device=device, dtype=torch.bool)
+    if sparse_rows is None:
+        sparse_rows = torch.ones(batch, dtype=torch.bool, device=device)
+    # Per row: where its blocks start (its first valid position) and how far its band reaches behind a block start
+    # (past position 0 for a dense row, whose band then holds every key).
+    origin = key_valid.long().argmax(dim=-1)
+    reach = torch.where(sparse_rows.to(device=device, dtype=torch.bool), window_size, 2 * length + block_size)
 
-    def band_start(position):  # first key of the band of the query at `position`
-        return position // block_size * block_size - window_size
+    def band_start(position):  # (batch, *position.shape): first key of the band of the query at `position`
+        shape = (batch,) + (1,) * position.dim()
+        start, behind = origin.view(shape), reach.view(shape)
+        return start + torch.div(position - start, block_size, rounding_mode="floor") * block_size - behind
 
     # Vertical columns, sorted, in whole tiles; repeats, padding keys and the filler get the position `length`, which
     # no query sees. A query sees the columns below its band start: a prefix of each head's list.
@@ -159,27 +173,29 @@ def vertical_slash_attention(
     positions = torch.arange(length, device=device).masked_fill(~key_valid, length)  # (B, n)
     slots = torch.cat([columns, positions[:, None].expand(-1, num_kv_heads, -1)], dim=-1)
     slots = F.pad(slots, (0, -slots.shape[-1] % tile), value=length).repeat_interleave(group, dim=1)
-    sizes = torch.tensor([block_size, window_size, num_columns], device=device)
+    sizes = torch.tensor([block_size, num_columns], device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         position = slots[b, h, kv_idx]
-        below_band = position < q_idx // sizes[0] * sizes[0] - sizes[1]
-        return (position <= q_idx) & (below_band == (kv_idx < sizes[2]))  # columns below the band, keys in it
+        block_start = origin[b] + torch.div(q_idx - origin[b], sizes[0], rounding_mode="floor") * sizes[0]
+        below_band = position < block_start - reach[b]
+        return (position <= q_idx) & (below_band == (kv_idx < sizes[1]))  # columns below the band, keys in it
 
     # Tiles (query tile x key-slot tile) where some pair is visible ("any") and where all are ("full": FlexAttention
     # skips the mask there). Only these tiles are computed.
     first = torch.arange(0, length, tile, device=device)
     last = (first + tile).clamp(max=length) - 1
-    column_any = columns[..., None, 0::tile] < band_start(last)[:, None]  # (B, Hkv, query tiles, column tiles)
-    column_full = columns[..., None, tile - 1 :: tile] < band_start(first)[:, None]
+    # (B, Hkv, query tiles, column tiles)
+    column_any = columns[..., None, 0::tile] < band_start(last)[:, None, :, None]
+    column_full = columns[..., None, tile - 1 :: tile] < band_start(first)[:, None, :, None]
     key_first, key_last = first[None, :], last[None, :]  # sequence tiles along the last dim
     band_any = (key_first <= last[:, None]) & (band_start(torch.maximum(first[:, None], key_first)) <= key_last)
-    band_full = (band_start(last)[:, None] <= key_first) & (key_last <= first[:, None])
+    band_full = (band_start(last)[..., None] <= key_first) & (key_last <= first[:, None])
     band_full &= key_last - key_first == tile - 1  # a ragged last tile is left to the mask
     valid_tiles = F.pad(key_valid, (0, len(first) * tile - length)).reshape(batch, 1, 1, -1, tile)
     shape = (batch, num_kv_heads, len(first), -1)
-    any_tile = torch.cat([column_any, (band_any & valid_tiles.any(-1)).expand(shape)], dim=-1)
-    full_tile = torch.cat([column_full, (band_full & valid_tiles.all(-1)).expand(shape)], dim=-1)
+    any_tile = torch.cat([column_any, (band_any[:, None] & valid_tiles.any(-1)).expand(shape)], dim=-1)
+    full_tile = torch.cat([column_full, (band_full[:, None] & valid_tiles.all(-1)).expand(shape)], dim=-1)
     any_tile, full_tile = any_tile.repeat_interleave(group, dim=1), full_tile.repeat_interleave(group, dim=1)
     block_mask = block_mask_class.from_kv_blocks(
         *_ordered(any_tile & ~full_tile),
@@ -190,10 +206,11 @@ def vertical_slash_attention(
     )
 
     query = query.view(query.shape)  # a new tensor object, so marking it leaves the caller's tensor alone
-    for tensor in (query, keys, values, slots):
+    for tensor in (query, keys, values, slots, origin, reach):
         # CPU inductor (torch 2.13) miscompiles the mask when the batch size or a head layout becomes symbolic (as
         # dynamo makes a size that changed between calls): only sequence lengths may be dynamic.
-        for dim in range(tensor.dim() - 1) if tensor is slots else (0, 1, 3):
+        dims = range(tensor.dim() - 1) if tensor is slots else (0,) if tensor.dim() == 1 else (0, 1, 3)
+        for dim in dims:
             torch._dynamo.mark_static(tensor, dim)
     output = flex_attention(query, keys, values, block_mask=block_mask, scale=scaling, enable_gqa=group > 1)
     return output.transpose(1, 2).contiguous()

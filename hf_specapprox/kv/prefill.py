@@ -44,6 +44,12 @@ def uses_sparse_prefill(config, num_tokens: int) -> bool:
     return mode == "on" or (mode == "auto" and num_tokens > config.sparse_prefill_threshold)
 
 
+def sparse_rows(config, token_valid: torch.Tensor) -> torch.Tensor:
+    """`(batch,)` bool: the rows whose prefill goes sparse, each decided on its own tokens (prompt + appended, padding
+    and tokens after an end of sequence left out), as the row alone would decide."""
+    return torch.tensor([uses_sparse_prefill(config, int(count)) for count in token_valid.sum(-1)], dtype=torch.bool)
+
+
 @dataclass
 class PrefillResult:
     """What [`compressing_prefill`] made of a prompt.
@@ -74,10 +80,12 @@ class _PrefillObserver(AttentionObserver):
     keeps its selection (dense), or scores it first and computes its attention under the vertical-slash mask (sparse).
 
     `query_start` is the sequence position of the forward's first row (0, or the retained context's positions).
+    `sparse_rows` (`(batch,)` bool, or `None` for a dense prefill) marks the rows that go sparse; the others attend
+    densely inside the same kernel call, as they would alone.
     """
 
     def __init__(self, layers, scorer: KVScorer, policy: SelectionPolicy, config, prompt_length: int,
-                 token_valid: torch.Tensor, query_start: int, sparse: bool):
+                 token_valid: torch.Tensor, query_start: int, sparse_rows: torch.Tensor | None):
         self.layers = layers
         self.scorer = scorer
         self.policy = policy
@@ -85,7 +93,8 @@ class _PrefillObserver(AttentionObserver):
         self.prompt_length = prompt_length
         self.token_valid = token_valid  # (batch, prompt + appended)
         self.query_start = query_start
-        self.sparse = sparse
+        self.sparse_rows = sparse_rows if sparse_rows is not None and bool(sparse_rows.any()) else None
+        self.sparse = self.sparse_rows is not None
         self.window_start = policy.window_start(prompt_length)
         compressed = [index for index, layer in enumerate(layers) if isinstance(layer, CompressedKVLayer)]
         self.keeps_all = config.max_capacity_prompt is None
@@ -126,7 +135,8 @@ class _PrefillObserver(AttentionObserver):
         )
         output = sparse_attention.vertical_slash_attention(
             query, key, value, columns, scaling=scaling, key_valid=self.token_valid.to(key.device),
-            window_size=config.prefill_window_size, block_size=config.prefill_block_size,
+            sparse_rows=self.sparse_rows.to(key.device), window_size=config.prefill_window_size,
+            block_size=config.prefill_block_size,
         )
         self._keep(layer_idx, layer, key, value, scores, candidate_valid)
         return output, None
@@ -253,8 +263,9 @@ def compressing_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Te
     lookahead_valid = lookahead_valid.to(attention_mask.device)
     token_valid = torch.cat([attention_mask.bool(), lookahead_valid.bool()], dim=1)
     position_ids = (token_valid.long().cumsum(-1) - 1).clamp(min=0)
-    sparse = context is None and uses_sparse_prefill(config, token_valid.shape[1])
-    observer = _PrefillObserver(layers, scorer, policy, config, prompt_length, token_valid, start, sparse)
+    rows = None if context is not None else sparse_rows(config, token_valid)
+    observer = _PrefillObserver(layers, scorer, policy, config, prompt_length, token_valid, start, rows)
+    sparse = observer.sparse
     cache = _ScoringForwardCache(layers, observer, prefix=None if context is None else context.target_layer,
                                  keep_prompt_from=keep_prompt_from)
     backbone = model.base_model
