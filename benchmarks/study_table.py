@@ -19,7 +19,7 @@ from hf_specapprox_eval import HARNESS_METHODS as METHODS, read_results
 NAMES = {"full": "full target", "draft": "draft alone", "speckv": "SpecKV", "snapkv": "SnapKV",
          "streamingllm": "StreamingLLM", "knorm": "Knorm", "specpc": "SpecPC", "specprefill": "SpecPrefill",
          "speckv_pc": "SpecKV-PC"}
-VARIANT_NAMES = {"pyramid": " + pyramid", "dense": " (dense prefill)"}
+VARIANT_NAMES = {"pyramid": " + pyramid", "dense": " (dense prefill)", "nodrop": " (sparse prefill, no eviction)"}
 
 
 def display_name(method: str) -> str:

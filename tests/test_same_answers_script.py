@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "same_answers.py"
+from scripts import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("same_answers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/same_answers.py")
 
 
 def test_compare_counts_answers_that_match_token_for_token(tmp_path, capsys):
