@@ -9,8 +9,7 @@ load. The table gives, per method and prompt length, the median TTFT and TPOT ov
     python benchmarks/compare_checkouts.py run --old ../old --new . --out results/compare --rounds 2
     python benchmarks/compare_checkouts.py table results/compare    # the table again, from the saved rows
 
-The checkouts must be installed-free trees of this repository (the interpreter's own `hf_specapprox` install, if any,
-is shadowed by `PYTHONPATH`); run from a folder outside both so that neither is imported from the working directory.
+Each checkout is imported from its own tree: it comes first on `PYTHONPATH`, ahead of any installed `hf_specapprox`.
 """
 
 from __future__ import annotations
@@ -35,11 +34,10 @@ def run(args) -> None:
                 continue
             command = [sys.executable, str(tree / "benchmarks" / "long_context.py"), "--preset", args.preset,
                        "--runs", str(args.runs), "--json", str(target)]
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree)] + [p for p in [os.environ.get("PYTHONPATH")]
-                                                                             if p]))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
             print(f"# round {round_index}, {label}: {tree.name}", flush=True)
             with open(out / f"{label}-{round_index}.txt", "w") as log:
-                subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=args.cwd)
+                subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     table(out)
 
 
@@ -87,7 +85,6 @@ def main() -> None:
     runner.add_argument("--rounds", type=int, default=2)
     runner.add_argument("--runs", type=int, default=3, help="timed calls per method and length in each round")
     runner.add_argument("--preset", default="smoke")
-    runner.add_argument("--cwd", default=None, help="working folder of the runs (outside both checkouts)")
     printer = sub.add_parser("table", help="print the table from a finished run's folder")
     printer.add_argument("folder")
     args = parser.parse_args()

@@ -110,8 +110,9 @@ def test_sparsity_changes_the_output_and_each_head_reads_its_own_columns():
 
 
 def test_a_padded_row_gets_what_it_gets_alone():
-    """The official code runs one row at a time: a left-padded row of a batch gives the output it gives alone
-    (blocks aligned to its own first token), whether it is sparse or dense, beside a sparse unpadded row."""
+    """The official code runs one row at a time: a left-padded row of a batch gives what the masked oracle gives for
+    that row alone, unpadded (blocks from its own first token), whether it is sparse or dense (plain causal SDPA),
+    beside a sparse unpadded row."""
     length, pad, window, block = 50, 7, 8, 4
     query, key, value, gen = random_inputs(5, 2, 4, 2, length)
     columns = torch.randint(0, length, (2, 2, 6), generator=gen)
@@ -120,16 +121,18 @@ def test_a_padded_row_gets_what_it_gets_alone():
     columns[1] = columns[1].clamp(min=pad)
     kwargs = dict(scaling=0.25, window_size=window, block_size=block, flex_block_size=TILE)
     alone = [query[1:, :, pad:], key[1:, :, pad:], value[1:, :, pad:]]
+    everything = torch.ones(1, length, dtype=torch.bool)
+    first = oracle(query[:1], key[:1], value[:1], oracle_mask(length, columns[:1], everything, window, block), 0.25)
     for sparse in (True, False):
         batched = vertical_slash_attention(query, key, value, columns, key_valid=key_valid,
                                            sparse_rows=torch.tensor([True, sparse]), **kwargs)
         if sparse:
-            single = vertical_slash_attention(*alone, columns[1:] - pad, **kwargs)
+            mask = oracle_mask(length - pad, columns[1:] - pad, everything[:, pad:], window, block)
+            single = oracle(*alone, mask, 0.25)
         else:
             single = F.scaled_dot_product_attention(*alone, is_causal=True, scale=0.25, enable_gqa=True)
             single = single.transpose(1, 2)
         torch.testing.assert_close(batched[1:, pad:], single, atol=2e-5, rtol=2e-5)
-        first = vertical_slash_attention(query[:1], key[:1], value[:1], columns[:1], **kwargs)
         torch.testing.assert_close(batched[:1], first, atol=2e-5, rtol=2e-5)
 
 
